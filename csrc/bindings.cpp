@@ -1,0 +1,39 @@
+// The one binding file: the schema of every extension op (its CPU and CUDA kernels register
+// themselves per dispatch key in cpu/*.cpp and cuda/*.cu) and build_info() for collect_env.
+#include <torch/extension.h>
+
+#include <string>
+
+namespace fastcnn {
+#ifdef FASTCNN_WITH_CUDA
+std::string cuda_arch_list();  // cuda/build_info.cu
+#endif
+}  // namespace fastcnn
+
+TORCH_LIBRARY(fastcnn_ext, m) {
+  // relu(x + residual) written into out (any layout; same shape, dtype and device).
+  m.def("add_relu_out(Tensor x, Tensor residual, Tensor(a!) out) -> ()");
+}
+
+#define FASTCNN_STR2(x) #x
+#define FASTCNN_STR(x) FASTCNN_STR2(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+#ifdef FASTCNN_WITH_CUDA
+    info["with_cuda"] = true;
+    info["cuda_arch_list"] = fastcnn::cuda_arch_list();
+#else
+    info["with_cuda"] = false;
+    info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef CPU_CAPABILITY_AVX2
+    info["cpu_capability"] = FASTCNN_STR(CPU_CAPABILITY);
+#else
+    info["cpu_capability"] = "DEFAULT";
+#endif
+    info["torch_version"] = TORCH_VERSION;
+    return info;
+  });
+}

@@ -1,0 +1,27 @@
+"""fastcnn: fused inference kernels for GoogLeNet- and ResNet-style CNNs.
+
+See README.md for the API in brief and the layering.
+"""
+
+from fastcnn import nn, ops, reference
+from fastcnn._backend import (
+    BackendStatus,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "__version__",
+    "available_backends",
+    "get_backend",
+    "nn",
+    "ops",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,228 @@
+"""The C++/CUDA extension ``fastcnn._C``: compiled just in time, on first use, with ninja.
+
+It is built with torch.utils.cpp_extension.load against the torch that is installed now, into a
+cache directory named after that torch, Python and the CUDA toolkit, so it always matches the
+running torch (no ABI drift, no second torch at pip-install time). CUDA sources are compiled whenever
+a CUDA toolkit is found, with or without a GPU, so a CPU-only machine still proves they compile and
+link. A failed build is reported once, with the compiler's message, and fastcnn keeps working on its
+other backends.
+
+Environment:
+  FASTCNN_NO_CUDA=1        compile the CPU sources only
+  FASTCNN_BUILD_DIR=DIR    where to build (default: $XDG_CACHE_HOME or ~/.cache, then fastcnn/...)
+  CUDA_HOME                the CUDA toolkit (else /usr/local/cuda, else the nvcc on PATH)
+  TORCH_CUDA_ARCH_LIST     the GPU architectures to compile for (default "8.0;9.0")
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+EXTENSION_NAME = "fastcnn_C"  # also importable as fastcnn._C once loaded
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None
+_attempted = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionStatus:
+    built: bool
+    with_cuda: bool
+    cuda_note: str  # why CUDA sources were (not) compiled
+    arch_list: str | None
+    cpu_capability: str | None
+    build_dir: str
+    error: str | None
+
+    def short_error(self) -> str:
+        if self.error is None:
+            return "not built yet"
+        lines = self.error.strip().splitlines()
+        compiler = [ln for ln in lines if "error:" in ln.lower()]  # the compiler's first complaint
+        return (compiler[0] if compiler else lines[0])[:300]
+
+
+def sources_root() -> Path:
+    """csrc/ beside the package (source tree, editable install) or fastcnn/csrc (wheel)."""
+    beside = Path(__file__).resolve().parent.parent / "csrc"
+    if (beside / "bindings.cpp").is_file():
+        return beside
+    return Path(str(importlib.resources.files("fastcnn") / "csrc"))
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME, else /usr/local/cuda, else the toolkit of the nvcc on PATH; None if none."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for home in candidates:
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    return None
+
+
+def _cuda_plan() -> tuple[str | None, str]:
+    """(CUDA home to compile with, or None; the reason)."""
+    if os.environ.get("FASTCNN_NO_CUDA", "0") not in ("", "0"):
+        return None, "FASTCNN_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU-only build"
+    home = find_cuda_home()
+    if home is None:
+        return None, "no CUDA toolkit found (CUDA_HOME, /usr/local/cuda, nvcc on PATH)"
+    return home, f"CUDA toolkit at {home}"
+
+
+def build_dir() -> Path:
+    root = os.environ.get("FASTCNN_BUILD_DIR")
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = str(Path(cache) / "fastcnn")
+    home, _ = _cuda_plan()
+    flavour = f"cu{torch.version.cuda}" if home else "cpu"
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
+    return Path(root) / tag.replace("+", "_")
+
+
+def _cpu_capability_flags() -> tuple[list[str], str]:
+    """Vectorize the CPU kernels for AVX2 where the build machine has it (the JIT build runs
+    where the code will run); otherwise ATen's portable Vectorized<T> is used."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        if " avx2" in flags and " fma" in flags:
+            return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "AVX2"
+    return [], "DEFAULT"
+
+
+def arch_list() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    """nvcc flags for TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0", "9.0a", "8.6+PTX").
+
+    Passed explicitly (rather than left to cpp_extension) so that the arch list is part of the
+    build's fingerprint: changing it rebuilds instead of silently reusing the old binary.
+    """
+    flags = []
+    for item in archs.replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item.removesuffix("+PTX").replace(".", "")
+        if not num[:2].isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like 8.0, 9.0a or 8.6+PTX")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _sources(with_cuda: bool) -> list[str]:
+    root = sources_root()
+    files = [root / "bindings.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((root / "cuda").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def _compile(verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    home, _ = _cuda_plan()
+    cpu_flags, _ = _cpu_capability_flags()
+    defines = ["-DFASTCNN_WITH_CUDA"] if home else []
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    saved_cuda_home = os.environ.get("CUDA_HOME")
+    saved_home = cpp_extension.CUDA_HOME
+    try:
+        if home:
+            os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home  # read when cpp_extension was imported
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=_sources(with_cuda=home is not None),
+            extra_cflags=["-O3", *cpu_flags, *defines],
+            extra_cuda_cflags=["-O3", "-lineinfo", *_gencode_flags(arch_list()), *defines],
+            extra_include_paths=[str(sources_root())],
+            build_directory=str(out),
+            with_cuda=home is not None,
+            verbose=verbose,
+        )
+    finally:
+        cpp_extension.CUDA_HOME = saved_home
+        if saved_cuda_home is None:
+            os.environ.pop("CUDA_HOME", None)
+        else:
+            os.environ["CUDA_HOME"] = saved_cuda_home
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled extension (building it on first call), or None if it cannot be built.
+
+    The first failure is reported once as a warning carrying the compiler's message; later calls
+    return None at once (see status().error).
+    """
+    global _module, _error, _attempted
+    with _lock:
+        if not _attempted:
+            _attempted = True
+            try:
+                _module = _compile(verbose)
+                sys.modules["fastcnn._C"] = _module
+            except Exception as exc:  # a failed build must not take the other backends down
+                _error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"fastcnn: the C++/CUDA extension failed to build; the 'cpu' and 'cuda' "
+                    f"backends are unavailable, the others still work.\n{_error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _module
+
+
+def status(build: bool = False) -> ExtensionStatus:
+    """The extension's state; with build=True, build it first if that was not tried yet."""
+    if build:
+        load()
+    home, note = _cuda_plan()
+    info = _module.build_info() if _module is not None else {}
+    with_cuda = bool(info.get("with_cuda", False))
+    arch = info.get("cuda_arch_list") if with_cuda else None
+    return ExtensionStatus(
+        built=_module is not None,
+        with_cuda=with_cuda,
+        cuda_note=note,
+        arch_list=arch,
+        cpu_capability=info.get("cpu_capability"),
+        build_dir=str(build_dir()),
+        error=_error,
+    )
+
+
+def ops() -> object:
+    """torch.ops.fastcnn_ext, the extension's raw kernels (CPU and CUDA per dispatch key)."""
+    if load() is None:
+        raise RuntimeError(f"the fastcnn C++ extension is not available: {status().short_error()}")
+    return torch.ops.fastcnn_ext

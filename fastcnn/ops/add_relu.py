@@ -1,0 +1,99 @@
+"""fastcnn.ops.add_relu: relu(x + residual), ResNet's F(x) + x, as one pass over memory.
+
+Layers: validation here; kernels in fastcnn/triton/add_relu.py, csrc/cpu/add_relu.cpp and
+csrc/cuda/add_relu.cu; the reference in fastcnn/reference.py. Registered as the torch.library ops
+fastcnn::add_relu and fastcnn::add_relu_out (with fake implementations), so torch.compile and
+torch.export see one opaque op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcnn import _backend, reference
+from fastcnn.ops import _checks
+from fastcnn.ops._dispatch import extension_kernel, triton_kernel
+
+_OP = "add_relu"
+
+
+def _eager(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(reference.add_relu(x, residual))
+
+
+_IMPLS = {
+    "triton": triton_kernel("add_relu", "add_relu_out"),
+    "cuda": extension_kernel("add_relu_out"),
+    "cpu": extension_kernel("add_relu_out"),
+    "eager": _eager,
+}
+
+
+def _validate(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> None:
+    _checks.check_tensor(_OP, "x", x)
+    _checks.check_tensor(_OP, "residual", residual)
+    _checks.check_dtype(_OP, "x", x)
+    _checks.check_rank(_OP, "x", x, range(0, 5))
+    _checks.check_like(_OP, "residual", residual, "x", x)
+    if out is not None:
+        _checks.check_out(_OP, out, x.shape, x)
+
+
+def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
+    _checks.check_no_partial_overlap(_OP, out, x=x, residual=residual)
+    _backend.pick(_OP, x.device, _IMPLS)(x, residual, out)
+
+
+@torch.library.custom_op("fastcnn::add_relu", mutates_args=())
+def _add_relu_op(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    _validate(x, residual, None)
+    out = torch.empty_like(x)
+    _run(x, residual, out)
+    return out
+
+
+@_add_relu_op.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    _validate(x, residual, None)
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    (output,) = ctx.saved_tensors
+    g = grad * (output > 0)  # d relu(x + r) / dx = d / dr = [x + r > 0]
+    return g, g
+
+
+_add_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastcnn::add_relu_out", mutates_args=("out",))
+def _add_relu_out_op(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
+    _validate(x, residual, out)
+    _run(x, residual, out)
+
+
+@_add_relu_out_op.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
+    _validate(x, residual, out)
+
+
+def add_relu(
+    x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """relu(x + residual) in one read of each input and one write.
+
+    Equals ``torch.relu(x + residual)`` (fastcnn.reference.add_relu), computed in fp32 and rounded
+    once to the inputs' dtype. x and residual must have the same shape, dtype (float32, float16 or
+    bfloat16) and device, and at most 4 dimensions; any memory formats (they may differ). The
+    result takes x's memory format. ``out`` may be any view of the right shape, dtype and device,
+    e.g. a channel slice of a larger tensor, or x itself (in place); it is returned.
+    """
+    if out is None:
+        return torch.ops.fastcnn.add_relu(x, residual)
+    torch.ops.fastcnn.add_relu_out(x, residual, out)
+    return out
