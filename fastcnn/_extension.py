@@ -138,6 +138,11 @@ def _gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def compiled_sources() -> list[str]:
+    """The source files a build compiles here (CUDA ones only when a toolkit is used)."""
+    return _sources(with_cuda=_cuda_plan()[0] is not None)
+
+
 def _sources(with_cuda: bool) -> list[str]:
     root = sources_root()
     files = [root / "bindings.cpp", *sorted((root / "cpu").glob("*.cpp"))]

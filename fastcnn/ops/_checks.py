@@ -56,6 +56,11 @@ def check_out(op: str, out: torch.Tensor, shape: torch.Size, like: torch.Tensor)
         raise ValueError(
             f"fastcnn.ops.{op}: out has shape {tuple(out.shape)}, expected {tuple(shape)}"
         )
+
+
+def check_out_grad(op: str, out: torch.Tensor) -> None:
+    """Writing into out is invisible to autograd: refuse when the caller records gradients.
+    (Checked outside the torch.library op, whose kernels run with grad mode off.)"""
     if out.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(f"fastcnn.ops.{op}: out= does not support autograd (out requires grad)")
 

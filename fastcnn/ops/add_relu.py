@@ -93,7 +93,12 @@ def add_relu(
     result takes x's memory format. ``out`` may be any view of the right shape, dtype and device,
     e.g. a channel slice of a larger tensor, or x itself (in place); it is returned.
     """
+    # Type checks before the dispatcher, whose own schema error would be a RuntimeError.
+    _checks.check_tensor(_OP, "x", x)
+    _checks.check_tensor(_OP, "residual", residual)
     if out is None:
         return torch.ops.fastcnn.add_relu(x, residual)
+    _checks.check_tensor(_OP, "out", out)
+    _checks.check_out_grad(_OP, out)
     torch.ops.fastcnn.add_relu_out(x, residual, out)
     return out

@@ -1,0 +1,91 @@
+"""python -m fastcnn.collect_env: versions, the device, the extension's build state, the backends.
+
+Paste its output into bug reports. It builds the extension if that was not done yet.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+
+import torch
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _nvcc_version(cuda_home: str | None) -> str:
+    if cuda_home is None:
+        return "not found"
+    out = _run([f"{cuda_home}/bin/nvcc", "--version"])
+    release = [ln for ln in (out or "").splitlines() if "release" in ln]
+    return f"{release[0].strip() if release else 'unknown'} ({cuda_home})"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect() -> dict[str, object]:
+    """Everything collect_env prints, as a dict (also used by the benchmarks' result files)."""
+    from fastcnn import __version__, _backend, _extension
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    driver = None
+    if shutil.which("nvidia-smi"):
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    ext = _extension.status(build=True)
+    info: dict[str, object] = {
+        "fastcnn": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "triton": triton_version,
+        "CUDA toolkit (nvcc)": _nvcc_version(_extension.find_cuda_home()),
+        "CUDA driver": driver.splitlines()[0] if driver else "none",
+        "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "extension built": ext.built,
+        "extension CUDA sources": (
+            f"compiled (archs {ext.arch_list})" if ext.with_cuda else f"no ({ext.cuda_note})"
+        ),
+        "extension CPU vectorization": ext.cpu_capability or "n/a",
+        "extension build dir": ext.build_dir,
+    }
+    if ext.error:
+        info["extension error"] = ext.short_error()
+    info["backend in force"] = _backend.get_backend()
+    for name, state in _backend.available_backends().items():
+        info[f"backend {name}"] = f"{'yes' if state else 'no'}: {state.reason}"
+    return info
+
+
+def main() -> None:
+    info = collect()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}} : {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Test setup: without a GPU, Triton kernels run in Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test imports
+fastcnn.triton. On a GPU machine it is left alone and the CUDA tests run for real.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references must be fp32, not tf32
+torch.backends.cudnn.allow_tf32 = False

@@ -1,0 +1,67 @@
+"""What the tests share: the per-dtype tolerance table, poisoned outputs, backend/device grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcnn
+from fastcnn.triton._common import interpreting
+
+# (rtol, atol) for comparing a kernel's output with the float64 reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+DTYPES = list(TOLERANCES)
+
+HAS_CUDA = torch.cuda.is_available()
+NO_GPU_REASON = "needs a CUDA GPU (none here); benchmarks/gpu_check.sh runs these on one"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU_REASON)
+
+# Backends with kernels for each device type; the extension's "cpu"/"cuda" halves by device.
+BACKENDS_BY_DEVICE = {"cpu": ("triton", "cpu", "eager"), "cuda": ("triton", "cuda", "eager")}
+
+
+def device_backend_params() -> list:
+    """pytest params (device, backend): CUDA ones are marked to skip without a GPU."""
+    params = []
+    for device, backends in BACKENDS_BY_DEVICE.items():
+        marks = [pytest.mark.cuda, requires_cuda] if device == "cuda" else []
+        params += [pytest.param(device, b, marks=marks, id=f"{device}-{b}") for b in backends]
+    return params
+
+
+def skip_unsupported(device: str, backend: str, dtype: torch.dtype) -> None:
+    """Skip, with the reason, combinations this machine cannot check."""
+    if backend == "triton" and device == "cpu":
+        if not interpreting():
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        if dtype == torch.bfloat16:
+            pytest.skip("Triton's interpreter computes bf16 wrongly; bf16 is checked on a GPU")
+    status = fastcnn._backend.backend_status(backend, device)
+    if not status:
+        pytest.fail(f"backend {backend!r} should run {device} tensors here but: {status.reason}")
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer full of NaN (same shape, dtype, device, strides as t): any element a
+    kernel forgets to write stays NaN and fails the comparison."""
+    return torch.full_like(t, float("nan"))
+
+
+def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> None:
+    """actual (dtype) against a float64 reference, with the table's tolerance. NaN never passes
+    unless the reference has NaN at the same place."""
+    assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected64, rtol=rtol, atol=atol, equal_nan=True, check_stride=False
+    )
+
+
+def random_tensor(shape, dtype, device, channels_last=False, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype=dtype, device=device)
+    return t.to(memory_format=torch.channels_last) if channels_last else t

@@ -1,0 +1,98 @@
+"""fastcnn.ops.add_relu against torch.relu(x + residual), per backend, dtype, shape and layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastcnn_testing import (
+    DTYPES,
+    assert_matches,
+    device_backend_params,
+    poisoned_like,
+    random_tensor,
+    skip_unsupported,
+)
+
+import fastcnn
+from fastcnn import reference
+
+SHAPES = [(2, 13, 7, 9), (1, 3, 5, 5), (3, 40, 11, 6), (4, 33), (1037,), (1, 24, 1, 1)]
+# How x, residual and out are laid out: (x channels_last, residual channels_last, out kind)
+LAYOUTS = {
+    "nchw": (False, False, "new"),
+    "channels_last": (True, True, "new"),
+    "mixed": (True, False, "new"),
+    "out_nchw": (False, False, "poisoned"),
+    "out_channel_slice": (True, True, "slice"),
+    "out_mixed_slice": (False, True, "slice"),
+}
+
+
+def _reference64(x, residual):
+    return reference.add_relu(x.double(), residual.double())
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_reference(device, backend, dtype, shape, layout):
+    skip_unsupported(device, backend, dtype)
+    x_cl, r_cl, out_kind = LAYOUTS[layout]
+    if len(shape) != 4 and (x_cl or r_cl):
+        pytest.skip("channels_last needs 4-D tensors")
+    x = random_tensor(shape, dtype, device, channels_last=x_cl, seed=1)
+    r = random_tensor(shape, dtype, device, channels_last=r_cl, seed=2)
+    expected = _reference64(x, r)
+    with fastcnn.use_backend(backend):
+        if out_kind == "new":
+            out = fastcnn.ops.add_relu(x, r)
+            assert out.stride() == x.stride(), "the result must take x's memory format"
+        elif out_kind == "poisoned":
+            out = poisoned_like(x)
+            assert fastcnn.ops.add_relu(x, r, out=out) is out
+        else:  # a channel slice of a larger channels_last tensor, neighbours poisoned with NaN
+            if len(shape) != 4:
+                pytest.skip("channel slices are a 4-D notion")
+            n, c, *rest = shape
+            big = poisoned_like(random_tensor((n, c + 7, *rest), dtype, device, True))
+            out = big[:, 3 : 3 + c]
+            fastcnn.ops.add_relu(x, r, out=out)
+            outside = torch.cat([big[:, :3], big[:, 3 + c :]], dim=1)
+            assert torch.isnan(outside).all(), "wrote outside the out= slice"
+    assert not torch.isnan(out).any(), "an output element was left unwritten (still NaN)"
+    assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_as_reference(device, backend, dtype):
+    skip_unsupported(device, backend, dtype)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.5, -2.0])
+    x = specials.repeat_interleave(7).reshape(1, 7, 7, 1).to(dtype=dtype, device=device)
+    r = specials.repeat(7).reshape(1, 7, 7, 1).to(dtype=dtype, device=device)
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.add_relu(x, r)
+    expected = _reference64(x, r)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern differs"
+    assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+def test_in_place_into_x(device, backend):
+    skip_unsupported(device, backend, torch.float32)
+    x = random_tensor((2, 13, 7, 9), torch.float32, device, channels_last=True, seed=3)
+    r = random_tensor((2, 13, 7, 9), torch.float32, device, seed=4)
+    expected = _reference64(x, r)
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.add_relu(x, r, out=x)
+    assert out is x
+    assert_matches(x, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+def test_empty_tensor(device, backend):
+    skip_unsupported(device, backend, torch.float32)
+    x = torch.empty(0, 13, 7, 9, device=device)
+    with fastcnn.use_backend(backend):
+        assert fastcnn.ops.add_relu(x, x.clone()).shape == x.shape
