@@ -7,8 +7,8 @@ Backends:
   "eager"  - fastcnn.reference, plain PyTorch (any device),
   "auto"   - CUDA tensors: triton, else cuda, else eager; CPU tensors: cpu, else eager.
 
-The process-wide choice comes from set_backend() or env FASTCNN_BACKEND; use_backend() overrides it
-for the current thread/task only (a ContextVar), so concurrent callers do not see each other's choice.
+The process-wide choice comes from set_backend() or env FASTCNN_BACKEND; use_backend() overrides
+it for the current thread/task only (a ContextVar), so concurrent callers keep their own choice.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ CONCRETE_BACKENDS = ("triton", "cuda", "cpu", "eager")
 ENV_VAR = "FASTCNN_BACKEND"
 
 _default: str | None = None  # None: read ENV_VAR (default "auto")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastcnn_backend", default=None)
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastcnn_backend", default=None
+)
 _warned: set[tuple[str, str]] = set()
 
 
@@ -44,7 +46,9 @@ class BackendStatus:
 
 def _validate(name: object, source: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"unknown fastcnn backend {name!r} (from {source}); choose one of {BACKENDS}")
+        raise ValueError(
+            f"unknown fastcnn backend {name!r} (from {source}); choose one of {BACKENDS}"
+        )
     return name.lower()
 
 
@@ -96,7 +100,9 @@ def _triton_status(device_type: str) -> BackendStatus:
         return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
     if device_type == "cpu":
         if interpret:
-            return BackendStatus(True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)")
+            return BackendStatus(
+                True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
+            )
         return BackendStatus(False, "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
     return BackendStatus(False, f"triton does not run on {device_type} tensors")
 
@@ -171,7 +177,9 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
             raise RuntimeError(f"fastcnn.ops.{op}: backend {chosen!r} has no kernel for this op")
         status = backend_status(chosen, dev)
         if not status:
-            raise RuntimeError(f"fastcnn.ops.{op}: backend {chosen!r} cannot run here: {status.reason}")
+            raise RuntimeError(
+                f"fastcnn.ops.{op}: backend {chosen!r} cannot run here: {status.reason}"
+            )
         return impls[chosen]
     unavailable = []  # backends skipped because they cannot run here: worth one warning
     for candidate in _AUTO_ORDER.get(dev, ("eager",)):
@@ -187,4 +195,6 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
                 )
             return impls[candidate]
         unavailable.append(f"{candidate!r} is unavailable ({status.reason})")
-    raise RuntimeError(f"fastcnn.ops.{op}: no backend can run {dev} tensors: {'; '.join(unavailable)}")
+    raise RuntimeError(
+        f"fastcnn.ops.{op}: no backend can run {dev} tensors: {'; '.join(unavailable)}"
+    )

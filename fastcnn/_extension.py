@@ -2,10 +2,10 @@
 
 It is built with torch.utils.cpp_extension.load against the torch that is installed now, into a
 cache directory named after that torch, Python and the CUDA toolkit, so it always matches the
-running torch (no ABI drift, no second torch at pip-install time). CUDA sources are compiled whenever
-a CUDA toolkit is found, with or without a GPU, so a CPU-only machine still proves they compile and
-link. A failed build is reported once, with the compiler's message, and fastcnn keeps working on its
-other backends.
+running torch (no ABI drift, no second torch at pip-install time). CUDA sources are compiled
+whenever a CUDA toolkit is found, with or without a GPU, so a CPU-only machine still proves they
+compile and link. A failed build is reported once, with the compiler's message, and fastcnn keeps
+working on its other backends.
 
 Environment:
   FASTCNN_NO_CUDA=1        compile the CPU sources only
@@ -109,7 +109,13 @@ def _cpu_capability_flags() -> tuple[list[str], str]:
         except OSError:
             flags = ""
         if " avx2" in flags and " fma" in flags:
-            return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "AVX2"
+            return [
+                "-mavx2",
+                "-mfma",
+                "-mf16c",
+                "-DCPU_CAPABILITY=AVX2",
+                "-DCPU_CAPABILITY_AVX2",
+            ], "AVX2"
     return [], "DEFAULT"
 
 
@@ -131,7 +137,9 @@ def _gencode_flags(archs: str) -> list[str]:
         ptx = item.endswith("+PTX")
         num = item.removesuffix("+PTX").replace(".", "")
         if not num[:2].isdigit():
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like 8.0, 9.0a or 8.6+PTX")
+            raise ValueError(
+                f"TORCH_CUDA_ARCH_LIST entry {item!r} is not like 8.0, 9.0a or 8.6+PTX"
+            )
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
@@ -211,7 +219,7 @@ def status(build: bool = False) -> ExtensionStatus:
     """The extension's state; with build=True, build it first if that was not tried yet."""
     if build:
         load()
-    home, note = _cuda_plan()
+    _, note = _cuda_plan()
     info = _module.build_info() if _module is not None else {}
     with_cuda = bool(info.get("with_cuda", False))
     arch = info.get("cuda_arch_list") if with_cuda else None

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     state = _extension.status()
     seconds = time.perf_counter() - start
     if module is None:
-        print(f"fastcnn extension: build FAILED after {seconds:.1f} s\n{state.error}", file=sys.stderr)
+        print(
+            f"fastcnn extension: build FAILED after {seconds:.1f} s\n{state.error}", file=sys.stderr
+        )
         return 1
     root = _extension.sources_root()
     sources = [str(Path(s).relative_to(root)) for s in _extension.compiled_sources()]

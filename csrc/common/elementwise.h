@@ -25,15 +25,15 @@ inline void check_elementwise_args(const char* op, const at::Tensor& x, const at
               residual.sizes());
   TORCH_CHECK(out.sizes() == x.sizes(), op, ": out has shape ", out.sizes(), ", expected ",
               x.sizes());
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == out.scalar_type(),
-              op, ": dtypes differ (x ", x.scalar_type(), ", residual ", residual.scalar_type(),
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == out.scalar_type(), op,
+              ": dtypes differ (x ", x.scalar_type(), ", residual ", residual.scalar_type(),
               ", out ", out.scalar_type(), ")");
   TORCH_CHECK(x.device() == residual.device() && x.device() == out.device(), op,
               ": tensors are on different devices (x ", x.device(), ", residual ",
               residual.device(), ", out ", out.device(), ")");
   TORCH_CHECK(x.dim() <= kMaxDims, op, ": at most ", kMaxDims, " dimensions, got ", x.dim());
-  TORCH_CHECK(out.numel() == 0 || at::has_internal_overlap(out) != at::MemOverlap::Yes,
-              op, ": out has overlapping memory (e.g. an expanded tensor)");
+  TORCH_CHECK(out.numel() == 0 || at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out has overlapping memory (e.g. an expanded tensor)");
 }
 
 // True when the three tensors share one dense layout (contiguous or channels_last alike), so

@@ -47,8 +47,8 @@ void add_relu_dense(const T* x, const T* r, T* out, int64_t n) {
       }
     }
     for (; i < end; ++i) {  // tail (and double)
-      out[i] = static_cast<T>(
-          relu_keep_nan(static_cast<acc_t<T>>(x[i]) + static_cast<acc_t<T>>(r[i])));
+      out[i] =
+          static_cast<T>(relu_keep_nan(static_cast<acc_t<T>>(x[i]) + static_cast<acc_t<T>>(r[i])));
     }
   });
 }
@@ -84,8 +84,7 @@ void add_relu_out_cpu(const at::Tensor& x, const at::Tensor& residual, at::Tenso
       add_relu_dense<scalar_t>(x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
                                out.mutable_data_ptr<scalar_t>(), out.numel());
     } else {
-      add_relu_strided<scalar_t>(x.const_data_ptr<scalar_t>(),
-                                 residual.const_data_ptr<scalar_t>(),
+      add_relu_strided<scalar_t>(x.const_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(),
                                  out.mutable_data_ptr<scalar_t>(), plan_strided4(x, residual, out));
     }
   });
