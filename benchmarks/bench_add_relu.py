@@ -1,0 +1,142 @@
+"""add_relu on a GPU: fastcnn (triton, cuda) vs eager ``torch.relu(x + r)``, as GB/s and ratio.
+
+Shapes are ResNet-50's residual activations (batch 256 by default), channels_last. Each provider's
+output is checked against eager before it is timed. Times are CUDA-event medians over --iters
+calls after a warm-up. Writes a JSON file (environment + every measurement) and prints a Markdown
+table, which is also written beside the JSON.
+
+    python benchmarks/bench_add_relu.py --out benchmarks/results/DIR/add_relu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a plain checkout
+
+import fastcnn  # noqa: E402
+from fastcnn import collect_env  # noqa: E402
+
+SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def git_commit() -> str:
+    if os.environ.get("FASTCNN_COMMIT"):
+        return os.environ["FASTCNN_COMMIT"]
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+        return out.stdout.decode().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def time_ms(fn, iters: int, warmup: int = 10) -> float:
+    """Median milliseconds per call, measured with CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def providers(x, r):
+    out = torch.empty_like(x)
+
+    def eager():
+        return torch.relu(x + r)
+
+    def fused(backend):
+        def run():
+            with fastcnn.use_backend(backend):
+                return fastcnn.ops.add_relu(x, r, out=out)
+
+        return run
+
+    found = {"eager": eager}
+    for backend in ("triton", "cuda"):
+        if fastcnn._backend.backend_status(backend, "cuda"):
+            found[f"fastcnn-{backend}"] = fused(backend)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtypes", default="float16,bfloat16,float32")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True, help="JSON result file to write")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_add_relu needs a CUDA GPU")
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for shape in SHAPES:
+            shape = (args.batch, *shape[1:])
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            x = x.to(memory_format=torch.channels_last)
+            r = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            r = r.to(memory_format=torch.channels_last)
+            expected = torch.relu(x + r)
+            moved = 3 * x.numel() * x.element_size()  # read x, read r, write out
+            base_ms = None
+            for name, fn in providers(x, r).items():
+                torch.testing.assert_close(fn(), expected, rtol=0, atol=0)
+                ms = time_ms(fn, args.iters)
+                base_ms = ms if name == "eager" else base_ms
+                rows.append(
+                    {
+                        "dtype": dtype_name,
+                        "shape": list(shape),
+                        "provider": name,
+                        "ms": ms,
+                        "GB/s": moved / ms / 1e6,
+                        "speedup_vs_eager": base_ms / ms,
+                    }
+                )
+            del x, r, expected
+    env = {k: str(v) for k, v in collect_env.collect().items()}
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["git commit"] = git_commit()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": env, "add_relu": rows}, indent=1))
+    lines = [
+        f"# add_relu on {env['GPU']} ({env['date']}, commit {env['git commit'][:12]})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, driver {env['CUDA driver']}; "
+        f"channels_last; CUDA-event median of {args.iters} calls; eager = torch.relu(x + r)",
+        "",
+        "| dtype | shape | provider | ms | GB/s | vs eager |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['dtype']} | {'x'.join(map(str, row['shape']))} | {row['provider']} | "
+            f"{row['ms']:.4f} | {row['GB/s']:.0f} | {row['speedup_vs_eager']:.2f}x |"
+        )
+    table = "\n".join(lines) + "\n"
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
