@@ -31,6 +31,9 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fastcnn_backend", default=None
 )
 _warned: set[tuple[str, str]] = set()
+# pick() runs on every op call: remember each (backend, device type) answer for the process.
+# TRITON_INTERPRET is part of the key because tests (and users) may set it after import.
+_status_cache: dict[tuple[str, str, str], BackendStatus] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,14 @@ def backend_status(backend: str, device_type: str) -> BackendStatus:
     return _extension_status(backend, device_type)
 
 
+def _cached_status(backend: str, device_type: str) -> BackendStatus:
+    key = (backend, device_type, os.environ.get("TRITON_INTERPRET", ""))
+    status = _status_cache.get(key)
+    if status is None:
+        status = _status_cache[key] = backend_status(backend, device_type)
+    return status
+
+
 def _natural_device(backend: str) -> str:
     if backend == "cpu":
         return "cpu"
@@ -175,7 +186,7 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
     if chosen != "auto":
         if chosen not in impls:
             raise RuntimeError(f"fastcnn.ops.{op}: backend {chosen!r} has no kernel for this op")
-        status = backend_status(chosen, dev)
+        status = _cached_status(chosen, dev)
         if not status:
             raise RuntimeError(
                 f"fastcnn.ops.{op}: backend {chosen!r} cannot run here: {status.reason}"
@@ -185,7 +196,7 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
     for candidate in _AUTO_ORDER.get(dev, ("eager",)):
         if candidate not in impls:
             continue  # this op has no kernel there by design: nothing to warn about
-        status = backend_status(candidate, dev)
+        status = _cached_status(candidate, dev)
         if status:
             if unavailable:
                 _warn_once(

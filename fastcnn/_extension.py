@@ -178,7 +178,6 @@ def _compile(verbose: bool) -> ModuleType:
             sources=_sources(with_cuda=home is not None),
             extra_cflags=["-O3", *cpu_flags, *defines],
             extra_cuda_cflags=["-O3", "-lineinfo", *_gencode_flags(arch_list()), *defines],
-            extra_include_paths=[str(sources_root())],
             build_directory=str(out),
             with_cuda=home is not None,
             verbose=verbose,

@@ -19,6 +19,7 @@ add_relu_module = importlib.import_module("fastcnn.ops.add_relu")
 def _fresh_backend_state(monkeypatch):
     monkeypatch.setattr(_backend, "_default", None)
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_status_cache", {})
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
 
 

@@ -30,6 +30,15 @@ def test_cuda_sources_compile_and_link_even_without_a_gpu():
     assert any(s.endswith(".cu") for s in _extension.compiled_sources())
 
 
+def test_no_cuda_env_compiles_cpu_sources_only(monkeypatch):
+    monkeypatch.setenv("FASTCNN_NO_CUDA", "1")
+    home, reason = _extension._cuda_plan()
+    assert home is None and "FASTCNN_NO_CUDA" in reason
+    sources = _extension.compiled_sources()
+    assert sources and not any(s.endswith(".cu") for s in sources)
+    assert _extension.build_dir().name.endswith("-cpu")  # never mixed with a CUDA build
+
+
 def test_extension_is_importable_as_fastcnn_C():
     import sys
 

@@ -9,7 +9,7 @@
 
 #include <type_traits>
 
-#include "common/elementwise.h"
+#include "../common/elementwise.h"
 
 namespace fastcnn {
 namespace {

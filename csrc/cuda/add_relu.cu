@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "common/elementwise.h"
+#include "../common/elementwise.h"
 
 namespace fastcnn {
 namespace {

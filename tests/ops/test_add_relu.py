@@ -16,7 +16,8 @@ from fastcnn_testing import (
 import fastcnn
 from fastcnn import reference
 
-SHAPES = [(2, 13, 7, 9), (1, 3, 5, 5), (3, 40, 11, 6), (4, 33), (1037,), (1, 24, 1, 1)]
+SHAPES = [(2, 13, 7, 9), (1, 3, 5, 5), (3, 40, 11, 6), (1, 24, 1, 1)]  # NCHW activations
+OTHER_RANKS = [(), (1037,), (4, 33), (3, 5, 7)]
 # How x, residual and out are laid out: (x channels_last, residual channels_last, out kind)
 LAYOUTS = {
     "nchw": (False, False, "new"),
@@ -39,8 +40,6 @@ def _reference64(x, residual):
 def test_matches_reference(device, backend, dtype, shape, layout):
     skip_unsupported(device, backend, dtype)
     x_cl, r_cl, out_kind = LAYOUTS[layout]
-    if len(shape) != 4 and (x_cl or r_cl):
-        pytest.skip("channels_last needs 4-D tensors")
     x = random_tensor(shape, dtype, device, channels_last=x_cl, seed=1)
     r = random_tensor(shape, dtype, device, channels_last=r_cl, seed=2)
     expected = _reference64(x, r)
@@ -52,8 +51,6 @@ def test_matches_reference(device, backend, dtype, shape, layout):
             out = poisoned_like(x)
             assert fastcnn.ops.add_relu(x, r, out=out) is out
         else:  # a channel slice of a larger channels_last tensor, neighbours poisoned with NaN
-            if len(shape) != 4:
-                pytest.skip("channel slices are a 4-D notion")
             n, c, *rest = shape
             big = poisoned_like(random_tensor((n, c + 7, *rest), dtype, device, True))
             out = big[:, 3 : 3 + c]
@@ -62,6 +59,20 @@ def test_matches_reference(device, backend, dtype, shape, layout):
             assert torch.isnan(outside).all(), "wrote outside the out= slice"
     assert not torch.isnan(out).any(), "an output element was left unwritten (still NaN)"
     assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", OTHER_RANKS, ids=lambda s: "x".join(map(str, s)) or "scalar")
+def test_other_ranks(device, backend, dtype, shape):
+    skip_unsupported(device, backend, dtype)
+    x = random_tensor(shape, dtype, device, seed=5)
+    r = random_tensor(shape, dtype, device, seed=6)
+    out = poisoned_like(x)
+    with fastcnn.use_backend(backend):
+        fastcnn.ops.add_relu(x, r, out=out)
+    assert not torch.isnan(out).any(), "an output element was left unwritten (still NaN)"
+    assert_matches(out, _reference64(x, r), dtype)
 
 
 @pytest.mark.parametrize(("device", "backend"), device_backend_params())
