@@ -1,11 +1,13 @@
-"""add_relu on a GPU: fastcnn (triton, cuda) vs eager ``torch.relu(x + r)``, as GB/s and ratio.
+"""add_relu: fastcnn vs eager ``torch.relu(x + r)``, as GB/s and a ratio measured in one run.
 
-Shapes are ResNet-50's residual activations (batch 256 by default), channels_last. Each provider's
-output is checked against eager before it is timed. Times are CUDA-event medians over --iters
-calls after a warm-up. Writes a JSON file (environment + every measurement) and prints a Markdown
-table, which is also written beside the JSON.
+Shapes are ResNet-50's residual activations (batch 256 by default), channels_last. Providers: on
+CUDA the triton and cuda backends, on CPU the extension's cpu backend. Each provider's output is
+checked against eager before it is timed. Times are medians over --iters calls after a warm-up
+(CUDA events on a GPU, perf_counter on the CPU). Writes a JSON file (environment + every
+measurement) and a Markdown table beside it, and prints the table.
 
     python benchmarks/bench_add_relu.py --out benchmarks/results/DIR/add_relu.json
+    python benchmarks/bench_add_relu.py --device cpu --batch 8 --dtypes float32 --out /tmp/a.json
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,11 +43,17 @@ def git_commit() -> str:
 
 
 def time_ms(fn, iters: int, warmup: int = 10) -> float:
-    """Median milliseconds per call, measured with CUDA events around each call."""
+    """Median milliseconds per call: CUDA events around each call on a GPU, else perf_counter."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
+    if not torch.cuda.is_available():
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -69,8 +78,8 @@ def providers(x, r):
         return run
 
     found = {"eager": eager}
-    for backend in ("triton", "cuda"):
-        if fastcnn._backend.backend_status(backend, "cuda"):
+    for backend in ("triton", "cuda") if x.is_cuda else ("cpu",):
+        if fastcnn._backend.backend_status(backend, x.device.type):
             found[f"fastcnn-{backend}"] = fused(backend)
     return found
 
@@ -80,19 +89,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True, help="JSON result file to write")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_add_relu needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_add_relu: --device cuda needs a CUDA GPU (or pass --device cpu)")
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for shape in SHAPES:
             shape = (args.batch, *shape[1:])
-            g = torch.Generator(device="cuda").manual_seed(0)
-            x = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            g = torch.Generator(device=args.device).manual_seed(0)
+            x = torch.randn(shape, device=args.device, generator=g).to(dtype)
             x = x.to(memory_format=torch.channels_last)
-            r = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            r = torch.randn(shape, device=args.device, generator=g).to(dtype)
             r = r.to(memory_format=torch.channels_last)
             expected = torch.relu(x + r)
             moved = 3 * x.numel() * x.element_size()  # read x, read r, write out
@@ -117,11 +127,16 @@ def main() -> None:
     env["git commit"] = git_commit()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": env, "add_relu": rows}, indent=1))
+    machine = (
+        env["GPU"]
+        if args.device == "cuda"
+        else f"CPU {env['cpu']}, {torch.get_num_threads()} threads"
+    )
     lines = [
-        f"# add_relu on {env['GPU']} ({env['date']}, commit {env['git commit'][:12]})",
+        f"# add_relu on {machine} ({env['date']}, commit {env['git commit'][:12]})",
         "",
         f"torch {env['torch']}, triton {env['triton']}, driver {env['CUDA driver']}; "
-        f"channels_last; CUDA-event median of {args.iters} calls; eager = torch.relu(x + r)",
+        f"channels_last; median of {args.iters} calls; eager = torch.relu(x + r)",
         "",
         "| dtype | shape | provider | ms | GB/s | vs eager |",
         "|---|---|---|---:|---:|---:|",

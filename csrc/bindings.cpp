@@ -34,6 +34,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_capability"] = "DEFAULT";
 #endif
     info["torch_version"] = TORCH_VERSION;
+#ifdef _OPENMP
+    info["openmp"] = true;  // at::parallel_for really runs in parallel
+#else
+    info["openmp"] = false;
+#endif
     return info;
   });
 }

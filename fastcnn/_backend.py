@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -32,8 +33,7 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 _warned: set[tuple[str, str]] = set()
 # pick() runs on every op call: remember each (backend, device type) answer for the process.
-# TRITON_INTERPRET is part of the key because tests (and users) may set it after import.
-_status_cache: dict[tuple[str, str, str], BackendStatus] = {}
+_status_cache: dict[tuple[str, str], BackendStatus] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,12 @@ def get_backend() -> str:
         return override
     if _default is not None:
         return _default
+    return _env_backend()
+
+
+@functools.cache
+def _env_backend() -> str:
+    """FASTCNN_BACKEND, read once (get_backend runs on every op call)."""
     return _validate(os.environ.get(ENV_VAR, "auto") or "auto", f"env {ENV_VAR}")
 
 
@@ -137,7 +143,7 @@ def backend_status(backend: str, device_type: str) -> BackendStatus:
 
 
 def _cached_status(backend: str, device_type: str) -> BackendStatus:
-    key = (backend, device_type, os.environ.get("TRITON_INTERPRET", ""))
+    key = (backend, device_type)
     status = _status_cache.get(key)
     if status is None:
         status = _status_cache[key] = backend_status(backend, device_type)
@@ -159,7 +165,7 @@ def available_backends() -> dict[str, BackendStatus]:
 
 def _require_somewhere(name: str) -> None:
     devices = ("cuda", "cpu") if name == "triton" else (_natural_device(name),)
-    statuses = [backend_status(name, d) for d in devices]
+    statuses = [_cached_status(name, d) for d in devices]
     if not any(statuses):
         reasons = "; ".join(s.reason for s in statuses)
         raise RuntimeError(f"fastcnn backend {name!r} is not available: {reasons}")

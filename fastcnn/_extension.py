@@ -100,6 +100,14 @@ def build_dir() -> Path:
     return Path(root) / tag.replace("+", "_")
 
 
+def _openmp_flags() -> list[str]:
+    """at::parallel_for runs serially unless the extension itself is compiled with OpenMP
+    (ATen's OpenMP backend is inline code guarded by _OPENMP); torch links libgomp already."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    return [] if cpp_extension.IS_MACOS else ["-fopenmp"]
+
+
 def _cpu_capability_flags() -> tuple[list[str], str]:
     """Vectorize the CPU kernels for AVX2 where the build machine has it (the JIT build runs
     where the code will run); otherwise ATen's portable Vectorized<T> is used."""
@@ -176,7 +184,8 @@ def _compile(verbose: bool) -> ModuleType:
         return cpp_extension.load(
             name=EXTENSION_NAME,
             sources=_sources(with_cuda=home is not None),
-            extra_cflags=["-O3", *cpu_flags, *defines],
+            extra_cflags=["-O3", *_openmp_flags(), *cpu_flags, *defines],
+            extra_ldflags=_openmp_flags(),
             extra_cuda_cflags=["-O3", "-lineinfo", *_gencode_flags(arch_list()), *defines],
             build_directory=str(out),
             with_cuda=home is not None,

@@ -21,6 +21,9 @@ def _fresh_backend_state(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.setattr(_backend, "_status_cache", {})
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _backend._env_backend.cache_clear()
+    yield
+    _backend._env_backend.cache_clear()
 
 
 def test_available_backends_report_every_backend_with_a_reason():
@@ -66,12 +69,14 @@ def test_env_var_sets_the_default(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "eager")
     assert fastcnn.get_backend() == "eager"
     monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    _backend._env_backend.cache_clear()  # the variable is read once per process
     with pytest.raises(ValueError, match="from env FASTCNN_BACKEND"):
         fastcnn.get_backend()
 
 
 def test_set_backend_beats_env_and_use_backend_beats_both(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "cpu")
+    assert fastcnn.get_backend() == "cpu"
     fastcnn.set_backend("eager")
     assert fastcnn.get_backend() == "eager"
     with fastcnn.use_backend("auto"):

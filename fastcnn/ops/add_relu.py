@@ -12,7 +12,7 @@ import torch
 
 from fastcnn import _backend, reference
 from fastcnn.ops import _checks
-from fastcnn.ops._dispatch import extension_kernel, triton_kernel
+from fastcnn.ops._dispatch import can_skip_dispatcher, extension_kernel, triton_kernel
 
 _OP = "add_relu"
 
@@ -39,8 +39,9 @@ def _validate(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None)
         _checks.check_out(_OP, out, x.shape, x)
 
 
-def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
-    _checks.check_no_partial_overlap(_OP, out, x=x, residual=residual)
+def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, fresh_out: bool) -> None:
+    if not fresh_out:  # a caller's out= may alias an input
+        _checks.check_no_partial_overlap(_OP, out, x=x, residual=residual)
     _backend.pick(_OP, x.device, _IMPLS)(x, residual, out)
 
 
@@ -48,7 +49,7 @@ def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
 def _add_relu_op(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _validate(x, residual, None)
     out = torch.empty_like(x)
-    _run(x, residual, out)
+    _run(x, residual, out, fresh_out=True)
     return out
 
 
@@ -74,7 +75,7 @@ _add_relu_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("fastcnn::add_relu_out", mutates_args=("out",))
 def _add_relu_out_op(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
     _validate(x, residual, out)
-    _run(x, residual, out)
+    _run(x, residual, out, fresh_out=False)
 
 
 @_add_relu_out_op.register_fake
@@ -96,9 +97,17 @@ def add_relu(
     # Type checks before the dispatcher, whose own schema error would be a RuntimeError.
     _checks.check_tensor(_OP, "x", x)
     _checks.check_tensor(_OP, "residual", residual)
+    if out is not None:
+        _checks.check_tensor(_OP, "out", out)
+        _checks.check_out_grad(_OP, out)
+    if can_skip_dispatcher(x, residual, out):  # same checks and kernels, less overhead
+        _validate(x, residual, out)
+        fresh_out = out is None
+        if fresh_out:
+            out = torch.empty_like(x)
+        _run(x, residual, out, fresh_out)
+        return out
     if out is None:
         return torch.ops.fastcnn.add_relu(x, residual)
-    _checks.check_tensor(_OP, "out", out)
-    _checks.check_out_grad(_OP, out)
     torch.ops.fastcnn.add_relu_out(x, residual, out)
     return out
