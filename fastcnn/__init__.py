@@ -11,6 +11,7 @@ from fastcnn._backend import (
     set_backend,
     use_backend,
 )
+from fastcnn.nn.fold_bn import fold_bn
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "BackendStatus",
     "__version__",
     "available_backends",
+    "fold_bn",
     "get_backend",
     "nn",
     "ops",

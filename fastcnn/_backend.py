@@ -171,7 +171,8 @@ def _require_somewhere(name: str) -> None:
         raise RuntimeError(f"fastcnn backend {name!r} is not available: {reasons}")
 
 
-def _warn_once(key: tuple[str, str], message: str) -> None:
+def note_once(key: tuple[str, str], message: str) -> None:
+    """Warn (RuntimeWarning) the first time `key` comes up in this process, then stay quiet."""
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -205,7 +206,7 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
         status = _cached_status(candidate, dev)
         if status:
             if unavailable:
-                _warn_once(
+                note_once(
                     (op, dev),
                     f"fastcnn.ops.{op} on {dev}: using {candidate!r} because "
                     + "; ".join(unavailable),

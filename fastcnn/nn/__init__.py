@@ -1,5 +1,7 @@
 """Drop-in nn.Modules that hold folded weights and call fastcnn.ops."""
 
 from fastcnn.nn.add_relu import AddReLU
+from fastcnn.nn.conv_bn_act import ConvBNAct
+from fastcnn.nn.fold_bn import fold_bn
 
-__all__ = ["AddReLU"]
+__all__ = ["AddReLU", "ConvBNAct", "fold_bn"]

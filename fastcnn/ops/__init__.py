@@ -1,5 +1,6 @@
 """Functional fused ops: each checks its inputs, picks a backend and runs its kernel."""
 
 from fastcnn.ops.add_relu import add_relu
+from fastcnn.ops.conv_bn_act import conv_bn_act
 
-__all__ = ["add_relu"]
+__all__ = ["add_relu", "conv_bn_act"]

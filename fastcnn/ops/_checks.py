@@ -30,19 +30,36 @@ def check_rank(op: str, name: str, t: torch.Tensor, ranks: range) -> None:
         )
 
 
-def check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """t must have ref's shape, dtype and device."""
+def check_same_kind(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """t must have ref's dtype and device."""
     if t.device != ref.device:
         raise RuntimeError(
             f"fastcnn.ops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}"
         )
     if t.dtype != ref.dtype:
         raise TypeError(f"fastcnn.ops.{op}: {name} has dtype {t.dtype} but {ref_name} {ref.dtype}")
+
+
+def check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """t must have ref's shape, dtype and device."""
+    check_same_kind(op, name, t, ref_name, ref)
     if t.shape != ref.shape:
         raise ValueError(
             f"fastcnn.ops.{op}: {name} has shape {tuple(t.shape)} but {ref_name} has "
             f"{tuple(ref.shape)}"
         )
+
+
+def check_no_grad(op: str, **tensors: torch.Tensor | None) -> None:
+    """Inference-only ops refuse inputs that autograd is recording."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"fastcnn.ops.{op} is inference-only and {name} requires grad: call it under "
+                "torch.no_grad() or torch.inference_mode(), or train with the torch.nn modules"
+            )
 
 
 def check_out(op: str, out: torch.Tensor, shape: torch.Size, like: torch.Tensor) -> None:
@@ -72,21 +89,33 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_no_overlap(op: str, out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    """out must not share memory with any input (a kernel that reads neighbourhoods, like a
+    convolution, cannot run in place). Needs real tensors: not called while tracing."""
+    for name, t in inputs.items():
+        if t is not None and _shares_memory(out, t):
+            raise ValueError(f"fastcnn.ops.{op}: out overlaps {name}; pass a separate tensor")
+
+
 def check_no_partial_overlap(op: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
     """out may be an input itself (in place, same view) or disjoint from it, nothing in between.
 
     A kernel that reads an input and writes out in different orders would otherwise read values
     it has already overwritten. Needs real tensors (data pointers): not called while tracing.
     """
-    if out.numel() == 0:
-        return
-    o0, o1 = _span(out)
     for name, t in inputs.items():
-        if t.numel() == 0 or t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            continue
         same_view = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
-        t0, t1 = _span(t)
-        if not same_view and t0 < o1 and o0 < t1:
+        if not same_view and _shares_memory(out, t):
             raise ValueError(
                 f"fastcnn.ops.{op}: out partially overlaps {name}; pass the same view for an "
                 f"in-place call, or a separate tensor"

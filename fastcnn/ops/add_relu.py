@@ -12,7 +12,8 @@ import torch
 
 from fastcnn import _backend, reference
 from fastcnn.ops import _checks
-from fastcnn.ops._dispatch import can_skip_dispatcher, extension_kernel, triton_kernel
+from fastcnn.ops._dispatch import extension_kernel, triton_kernel
+from fastcnn.ops._registry import FusedOp
 
 _OP = "add_relu"
 
@@ -45,20 +46,6 @@ def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, fresh_out: 
     _backend.pick(_OP, x.device, _IMPLS)(x, residual, out)
 
 
-@torch.library.custom_op("fastcnn::add_relu", mutates_args=())
-def _add_relu_op(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    _validate(x, residual, None)
-    out = torch.empty_like(x)
-    _run(x, residual, out, fresh_out=True)
-    return out
-
-
-@_add_relu_op.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    _validate(x, residual, None)
-    return torch.empty_like(x)
-
-
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output)
 
@@ -69,18 +56,12 @@ def _backward(ctx, grad: torch.Tensor):
     return g, g
 
 
-_add_relu_op.register_autograd(_backward, setup_context=_setup_context)
+def _allocate(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastcnn::add_relu_out", mutates_args=("out",))
-def _add_relu_out_op(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
-    _validate(x, residual, out)
-    _run(x, residual, out, fresh_out=False)
-
-
-@_add_relu_out_op.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
-    _validate(x, residual, out)
+_op = FusedOp("add_relu", "(Tensor x, Tensor residual)", _validate, _allocate, _run)
+_op.functional.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_relu(
@@ -100,14 +81,4 @@ def add_relu(
     if out is not None:
         _checks.check_tensor(_OP, "out", out)
         _checks.check_out_grad(_OP, out)
-    if can_skip_dispatcher(x, residual, out):  # same checks and kernels, less overhead
-        _validate(x, residual, out)
-        fresh_out = out is None
-        if fresh_out:
-            out = torch.empty_like(x)
-        _run(x, residual, out, fresh_out)
-        return out
-    if out is None:
-        return torch.ops.fastcnn.add_relu(x, residual)
-    torch.ops.fastcnn.add_relu_out(x, residual, out)
-    return out
+    return _op(x, residual, out=out)

@@ -1,0 +1,105 @@
+"""fastcnn.nn.ConvBNAct: Conv2d + BatchNorm2d (+ ReLU) as one module over one fused kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcnn import ops
+from fastcnn.nn.fold_bn import fold_bn
+
+
+class ConvBNAct(nn.Module):
+    """relu(conv2d(x, weight, bias) + residual) with BatchNorm already folded into weight/bias.
+
+    Holds the folded ``weight`` [Cout, Cin/groups, KH, KW] (kept channels_last, the layout the
+    Triton kernel reads fastest) and ``bias`` [Cout] as buffers, so it loads from its own
+    state_dict and moves with .to(). forward(x, residual=None, out=None) calls
+    fastcnn.ops.conv_bn_act; it is an inference module (build one from trained modules with
+    from_modules, or load folded weights).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        groups: int = 1,
+        relu: bool = True,
+        dilation: int | tuple[int, int] = 1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"ConvBNAct: in_channels {in_channels} and out_channels {out_channels} must be "
+                f"divisible by groups {groups}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.relu = groups, relu
+        weight = torch.empty(
+            out_channels, in_channels // groups, kh, kw, device=device, dtype=dtype
+        )
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device, dtype=dtype))
+
+    @classmethod
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.Module | bool | None = None
+    ) -> ConvBNAct:
+        """Fuse an eval-mode Conv2d -> BatchNorm2d (-> ReLU): relu is an nn.ReLU, True, or None
+        / False for no activation. The originals are not modified."""
+        if isinstance(relu, nn.Module) and not isinstance(relu, nn.ReLU):
+            raise TypeError(f"ConvBNAct fuses nn.ReLU only, got {type(relu).__name__}")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"ConvBNAct: padding={conv.padding!r} is not supported, use ints")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBNAct: padding_mode={conv.padding_mode!r} is not supported")
+        weight, bias = fold_bn(conv, bn)
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            groups=conv.groups,
+            relu=relu is not None and relu is not False,
+            dilation=conv.dilation,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+        return module
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ops.conv_bn_act(
+            x,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            residual=residual,
+            relu=self.relu,
+            out=out,
+            dilation=self.dilation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, groups={self.groups}, relu={self.relu}"
+        )

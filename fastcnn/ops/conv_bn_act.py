@@ -1,0 +1,175 @@
+"""fastcnn.ops.conv_bn_act: relu(conv2d(x, weight, bias) + residual) as one kernel.
+
+With BatchNorm folded into weight and bias (fastcnn.fold_bn) this is eval-mode
+Conv2d -> BatchNorm2d (-> + residual) (-> ReLU), which eager PyTorch runs as three to five passes
+over the activation. Layers: validation here; the Triton kernel in fastcnn/triton/conv_bn_act.py;
+the reference in fastcnn/reference.py. Registered as fastcnn::conv_bn_act and
+fastcnn::conv_bn_act_out (see fastcnn/ops/_registry.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcnn import _backend, reference
+from fastcnn.ops import _checks
+from fastcnn.ops._dispatch import triton_kernel
+from fastcnn.ops._registry import FusedOp
+
+_OP = "conv_bn_act"
+Pair = list[int]
+
+
+def _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
+    out.copy_(
+        reference.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, dilation)
+    )
+
+
+_triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
+
+
+def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
+    _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu)
+
+
+_IMPLS = {"triton": _triton_impl, "eager": _eager}
+
+
+def _pair(name: str, value, minimum: int) -> Pair:
+    """An int or a pair of ints, each >= minimum, as a list of two."""
+    pair = [value, value] if isinstance(value, int) else list(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"fastcnn.ops.{_OP}: {name} must be an int or two ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"fastcnn.ops.{_OP}: {name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def output_shape(x_shape, weight_shape, stride: Pair, padding: Pair, dilation: Pair) -> list[int]:
+    """[N, Cout, Ho, Wo] of conv2d, as torch computes it."""
+    n, _, h, w = x_shape
+    c_out, _, kh, kw = weight_shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, c_out, ho, wo]
+
+
+def _validate(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
+    _checks.check_dtype(_OP, "x", x)
+    _checks.check_rank(_OP, "x", x, range(4, 5))
+    _checks.check_rank(_OP, "weight", weight, range(4, 5))
+    _checks.check_same_kind(_OP, "weight", weight, "x", x)
+    if groups < 1 or x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"fastcnn.ops.{_OP}: x has {x.shape[1]} channels but weight {tuple(weight.shape)} "
+            f"with groups={groups} expects {weight.shape[1] * groups} (and Cout divisible by "
+            "groups)"
+        )
+    c_out = weight.shape[0]
+    if bias is not None:
+        _checks.check_same_kind(_OP, "bias", bias, "x", x)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(
+                f"fastcnn.ops.{_OP}: bias has shape {tuple(bias.shape)}, expected ({c_out},)"
+            )
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(
+            f"fastcnn.ops.{_OP}: kernel {tuple(weight.shape[2:])} (dilation {dilation}) is larger "
+            f"than the padded input {tuple(x.shape[2:])} + 2*{padding}: no output"
+        )
+    if residual is not None:
+        _checks.check_same_kind(_OP, "residual", residual, "x", x)
+        if list(residual.shape) != shape:
+            raise ValueError(
+                f"fastcnn.ops.{_OP}: residual has shape {tuple(residual.shape)}, expected the "
+                f"output's {tuple(shape)}"
+            )
+    if out is not None:
+        _checks.check_out(_OP, out, torch.Size(shape), x)
+
+
+def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> torch.Tensor:
+    """The result follows x's memory format (channels_last in, channels_last out)."""
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out, fresh) -> None:
+    if not fresh:  # a caller's out= must not share memory with what the kernel reads
+        _checks.check_no_overlap(_OP, out, x=x, weight=weight, bias=bias, residual=residual)
+    if groups != 1 or dilation != [1, 1]:
+        _backend.note_once(
+            (_OP, "groups/dilation"),
+            f"fastcnn.ops.{_OP}: groups > 1 and dilation != 1 have no fused kernel; such "
+            "convolutions run the eager reference (whatever the backend)",
+        )
+        impl = _eager
+    else:
+        impl = _backend.pick(_OP, x.device, _IMPLS)
+    impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+
+
+_op = FusedOp(
+    _OP,
+    "(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int groups, "
+    "int[2] dilation, Tensor? residual, bool relu)",
+    _validate,
+    _allocate,
+    _run,
+)
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    out: torch.Tensor | None = None,
+    *,
+    dilation: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), one kernel.
+
+    Equals fastcnn.reference.conv_bn_act: with weight and bias from fastcnn.fold_bn, an eval-mode
+    Conv2d -> BatchNorm2d (-> + residual) (-> ReLU when relu=True). Accumulates in fp32; the bias,
+    residual and ReLU are applied in fp32 registers before the single store. fp32 uses TF32 when
+    torch.backends.cudnn.allow_tf32 is set, as torch's own conv2d does.
+
+    x: [N, Cin, H, W], float32/float16/bfloat16; channels_last is the fast layout, an NCHW x is
+    converted to channels_last once inside the op. The result takes x's memory format.
+    weight: [Cout, Cin / groups, KH, KW] (any layout; fastcnn.nn.ConvBNAct keeps it
+    channels_last). bias: [Cout] or None. residual: the output's shape, any layout, or None.
+    out: a [N, Cout, Ho, Wo] view to write into instead of allocating, e.g. ``big[:, c0:c0+Cout]``
+    of a larger channels_last tensor (only those channels are written); it must not overlap the
+    inputs. groups > 1 and dilation != 1 run the eager reference (with a one-time note).
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        _checks.check_tensor(_OP, name, t)
+    for name, t in (("bias", bias), ("residual", residual), ("out", out)):
+        if t is not None:
+            _checks.check_tensor(_OP, name, t)
+    _checks.check_no_grad(_OP, x=x, weight=weight, bias=bias, residual=residual, out=out)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"fastcnn.ops.{_OP}: groups must be an int, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"fastcnn.ops.{_OP}: relu must be a bool, got {relu!r}")
+    args = (
+        x,
+        weight,
+        bias,
+        _pair("stride", stride, 1),
+        _pair("padding", padding, 0),
+        groups,
+        _pair("dilation", dilation, 1),
+        residual,
+        relu,
+    )
+    return _op(*args, out=out)

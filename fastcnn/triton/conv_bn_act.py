@@ -1,0 +1,217 @@
+"""conv2d + folded-BN bias (+ residual) (+ ReLU) as one Triton implicit GEMM, NHWC first.
+
+GEMM view: M = N*Ho*Wo output pixels, N = Cout, K = KH*KW*Cin. No im2col buffer: each program
+loads its [BLOCK_M, BLOCK_K] input tile straight from x through x's strides (zero outside the
+padding) and its [BLOCK_K, BLOCK_N] weight tile through the weight's strides, accumulates in fp32
+with tl.dot, then in the epilogue adds the bias and the residual tile, applies ReLU, casts, and
+does the only store, through out's strides (so out may be a channel slice of a larger tensor).
+
+Two K orders, chosen per call:
+- per tap (FLAT_K=False): loop over the KH*KW taps, then over Cin in BLOCK_K chunks. Row masks
+  (padding) are computed once per tap and the channel loads are contiguous in NHWC. A 1x1 stride-1
+  conv is exactly the GEMM [N*H*W, Cin] x [Cin, Cout].
+- flat (FLAT_K=True): K walked as one (kh, kw, cin) index, for small Cin (the 7x7 stem has 3
+  channels), where per-tap chunks of BLOCK_K would be mostly padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcnn.triton._common import interpreting
+
+# Hopper-leaning configs (H100/H200): large tiles with 3-4 stages feed wgmma; smaller ones cover
+# narrow layers (Cout 16-64) and small M. Keyed on the GEMM shape, tuned once per process.
+_GPU_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+    )
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 32, 32, 4, 5),
+        (32, 64, 32, 4, 5),
+    ]
+]  # fmt: skip
+# The interpreter runs every program and loop step in Python over numpy blocks: few, large
+# blocks are fastest there (a 64-channel 3x3 conv at 32x32: 6.1 s with 32x32x16, 0.3 s with
+# 128x64x64 on a 2-core CPU).
+_INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+# Below this many input channels the flat K order wastes less of each BLOCK_K chunk.
+_FLAT_K_BELOW = 32
+
+
+@triton.jit
+def _conv_bn_act_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
+    M, N_OUT, C_IN, H, W, HO, WO,
+    sxn, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    M_BUCKET,  # next power of two of M: an autotuning key only
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped program order: GROUP_M row blocks share each weight column block while in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N_OUT
+    wo = offs_m % WO
+    ho = (offs_m // WO) % HO
+    img = (offs_m // (WO * HO)).to(tl.int64)
+    hi0 = ho * STRIDE_H - PAD_H
+    wi0 = wo * STRIDE_W - PAD_W
+    x_img = x_ptr + img * sxn  # [BLOCK_M] pointers to each output pixel's image
+    w_cols = w_ptr + offs_n * swo  # [BLOCK_N] pointers to each output channel's filter
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K = C_IN * KH * KW
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            ci = k % C_IN
+            kw = (k // C_IN) % KW
+            kh = k // (C_IN * KW)
+            hi = hi0[:, None] + kh[None, :]
+            wi = wi0[:, None] + kw[None, :]
+            a_mask = (
+                mask_m[:, None] & (k[None, :] < K) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            )
+            a = tl.load(
+                x_img[:, None] + ci[None, :] * sxc + hi * sxh + wi * sxw, mask=a_mask, other=0.0
+            )
+            b_ptrs = w_cols[None, :] + ci[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww
+            b = tl.load(b_ptrs, mask=(k[:, None] < K) & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for kh in range(KH):
+            hi = hi0 + kh
+            h_ok = mask_m & (hi >= 0) & (hi < H)
+            for kw in range(KW):
+                wi = wi0 + kw
+                row_ok = h_ok & (wi >= 0) & (wi < W)
+                a_rows = x_img + hi * sxh + wi * sxw
+                b_cols = w_cols + kh * swh + kw * sww
+                for c0 in range(0, C_IN, BLOCK_K):
+                    ci = c0 + offs_k
+                    ci_ok = ci < C_IN
+                    a = tl.load(
+                        a_rows[:, None] + ci[None, :] * sxc,
+                        mask=row_ok[:, None] & ci_ok[None, :],
+                        other=0.0,
+                    )
+                    b = tl.load(
+                        b_cols[None, :] + ci[:, None] * swi,
+                        mask=ci_ok[:, None] & mask_n[None, :],
+                        other=0.0,
+                    )
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue in fp32 registers: bias, residual, ReLU, one cast, the only store.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_rows = r_ptr + img * srn + ho * srh + wo * srw
+        acc += tl.load(r_rows[:, None] + offs_n[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    o_rows = out_ptr + img * son + ho * soh + wo * sow
+    tl.store(o_rows[:, None] + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_tuned_kernel = None
+
+
+def _gpu_kernel():
+    """The autotuned kernel, made on first GPU use (the autotuner times configs on the GPU)."""
+    global _tuned_kernel
+    if _tuned_kernel is None:
+        _tuned_kernel = triton.autotune(
+            configs=_GPU_CONFIGS,
+            key=["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K"],
+        )(_conv_bn_act_kernel)
+    return _tuned_kernel
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows cuDNN's switch, as torch's own conv2d does (TF32 on by default there).
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def conv_bn_act_out(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    relu: bool,
+) -> None:
+    """Write relu(conv2d(x, weight, bias) + residual) into out (validated by fastcnn.ops).
+
+    x is read in channels_last: an NCHW x is converted once here. The weight is read through its
+    strides; fastcnn.nn.ConvBNAct keeps it channels_last so channel loads are contiguous.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    _, _, ho, wo = out.shape
+    m = n * ho * wo
+    if m == 0 or c_out == 0:
+        return
+    x = x.contiguous(memory_format=torch.channels_last)
+    r = residual if residual is not None else out  # a placeholder pointer when absent
+    args = (
+        x, weight, bias if bias is not None else out, r, out,
+        m, c_out, c_in, h, w, ho, wo,
+        *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
+        triton.next_power_of_2(m),
+    )  # fmt: skip
+    meta = dict(
+        KH=kh,
+        KW=kw,
+        STRIDE_H=stride[0],
+        STRIDE_W=stride[1],
+        PAD_H=padding[0],
+        PAD_W=padding[1],
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        FLAT_K=c_in < _FLAT_K_BELOW,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    if interpreting():
+        cfg = _INTERPRETER_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+        _conv_bn_act_kernel[grid](*args, **meta, **cfg)
+        return
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+
+    _gpu_kernel()[grid](*args, **meta)
