@@ -33,6 +33,11 @@ def device_backend_params() -> list:
     return params
 
 
+def op_backend_params(impls) -> list:
+    """device_backend_params() narrowed to the backends an op has kernels for (its _IMPLS)."""
+    return [p for p in device_backend_params() if p.values[1] in impls]
+
+
 def skip_unsupported(device: str, backend: str, dtype: torch.dtype) -> None:
     """Skip, with the reason, combinations this machine cannot check."""
     if backend == "triton" and device == "cpu":
@@ -65,3 +70,16 @@ def random_tensor(shape, dtype, device, channels_last=False, seed=0) -> torch.Te
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=g, dtype=torch.float32).to(dtype=dtype, device=device)
     return t.to(memory_format=torch.channels_last) if channels_last else t
+
+
+def random_conv_inputs(cin, cout, k, h, w, dtype, device, *, batch=2, channels_last=True, seed=0):
+    """x, and a He-scaled weight and bias as fold_bn would give: outputs of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, h, w, generator=g)
+    weight = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+    bias = torch.randn(cout, generator=g) * 0.1
+    x = x.to(dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.to(dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    return x, weight, bias.to(dtype=dtype, device=device)

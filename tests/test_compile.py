@@ -11,27 +11,39 @@ import fastcnn
 
 
 class TinyResidual(nn.Module):
-    """conv -> (+ x) -> relu through fastcnn's AddReLU, and once more with out=."""
+    """A ResNet-ish block from every fastcnn op: conv_bn_act (+ residual, into out= too) and
+    add_relu (module and functional with out=)."""
 
     def __init__(self, channels: int = 13):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels).eval()
+        self.fused = fastcnn.nn.ConvBNAct.from_modules(self.conv, self.bn, nn.ReLU())
         self.add_relu = fastcnn.nn.AddReLU()
 
     def forward(self, x):
-        y = self.add_relu(self.conv(x), x)
-        return fastcnn.ops.add_relu(y, x, out=torch.empty_like(y))
+        y = self.fused(x)  # fastcnn::conv_bn_act
+        z = self.fused(y, residual=x, out=torch.empty_like(y))  # fastcnn::conv_bn_act_out
+        w = self.add_relu(z, x)  # fastcnn::add_relu
+        return fastcnn.ops.add_relu(w, y, out=torch.empty_like(w))  # fastcnn::add_relu_out
 
 
 @pytest.fixture
 def model_and_input():
     torch.manual_seed(0)
-    return TinyResidual().eval(), torch.randn(2, 13, 7, 9)
+    model = TinyResidual().eval()
+    x = torch.randn(2, 13, 7, 9).contiguous(memory_format=torch.channels_last)
+    return model, x
 
 
 def _eager_reference(model, x):
-    y = torch.relu(model.conv(x) + x)
-    return torch.relu(y + x)
+    def block(t, residual=None):
+        y = model.bn(model.conv(t))
+        return torch.relu(y if residual is None else y + residual)
+
+    y = block(x)
+    z = block(y, x)
+    return torch.relu(torch.relu(z + x) + y)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -48,8 +60,8 @@ def test_torch_export_keeps_the_fastcnn_ops(model_and_input):
     model, x = model_and_input
     exported = torch.export.export(model, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "fastcnn.add_relu.default" in targets
-    assert "fastcnn.add_relu_out.default" in targets
+    for op in ("conv_bn_act", "conv_bn_act_out", "add_relu", "add_relu_out"):
+        assert f"fastcnn.{op}.default" in targets, f"fastcnn::{op} missing from the graph"
     with torch.no_grad():
         torch.testing.assert_close(
             exported.module()(x), _eager_reference(model, x), rtol=1e-5, atol=1e-5
@@ -62,3 +74,19 @@ def test_fake_implementation_checks_inputs_at_trace_time():
 
     with pytest.raises(Exception, match="residual has shape"):
         torch.compile(bad, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 4, 4))
+
+
+def test_fake_conv_output_strides_match_eager(model_and_input):
+    """The fake implementation allocates like the real one: channels_last in, channels_last out."""
+    model, x = model_and_input
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+        fake_w = mode.from_tensor(model.fused.weight)
+        fake_out = torch.ops.fastcnn.conv_bn_act(
+            fake_x, fake_w, None, [1, 1], [1, 1], 1, [1, 1], None, True
+        )
+    with torch.no_grad():
+        real = fastcnn.ops.conv_bn_act(x, model.fused.weight, None, 1, 1)
+    assert fake_out.shape == real.shape and fake_out.stride() == real.stride()

@@ -1,0 +1,148 @@
+"""fastcnn.ops.conv_bn_act against the float64 reference: every conv family of ResNet-18/50 and
+GoogLeNet (scaled down), fp32 and fp16, NCHW and channels_last, with and without residual/ReLU,
+and out= channel slices whose neighbours are poisoned."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conv_cases import CASE_IDS, CASES
+from fastcnn_testing import (
+    assert_matches,
+    op_backend_params,
+    poisoned_like,
+    random_conv_inputs,
+    random_tensor,
+    skip_unsupported,
+)
+
+import fastcnn
+from fastcnn import reference
+
+conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
+BACKENDS = op_backend_params(conv_module._IMPLS)
+DTYPES = [torch.float32, torch.float16]  # bf16: tests/ops/test_conv_bn_act_cuda.py (GPU only)
+EPILOGUES = {"relu": (False, True), "residual_relu": (True, True), "plain": (False, False)}
+
+
+def _inputs(case, dtype, device, channels_last, residual, seed=0):
+    cin, cout, h, w = case.small
+    x, weight, bias = random_conv_inputs(
+        cin, cout, case.kernel, h, w, dtype, device, channels_last=channels_last, seed=seed
+    )
+    shape = conv_module.output_shape(
+        x.shape, weight.shape, [case.stride] * 2, [case.padding] * 2, [1, 1]
+    )
+    res = random_tensor(shape, dtype, device, seed=seed + 1) if residual else None
+    return x, weight, bias, res
+
+
+def _reference64(x, weight, bias, case, res, relu):
+    return reference.conv_bn_act(
+        x.double(),
+        weight.double(),
+        bias.double(),
+        case.stride,
+        case.padding,
+        residual=None if res is None else res.double(),
+        relu=relu,
+    )
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_reference(device, backend, dtype, channels_last, epilogue, case):
+    skip_unsupported(device, backend, dtype)
+    has_residual, relu = EPILOGUES[epilogue]
+    x, weight, bias, res = _inputs(case, dtype, device, channels_last, has_residual)
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.conv_bn_act(
+            x, weight, bias, case.stride, case.padding, residual=res, relu=relu
+        )
+    assert out.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    ), "the output must follow the input's memory format"
+    assert not torch.isnan(out).any()
+    assert_matches(out, _reference64(x, weight, bias, case, res, relu), dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case):
+    skip_unsupported(device, backend, dtype)
+    x, weight, bias, res = _inputs(case, dtype, device, True, True, seed=3)
+    n, cout, ho, wo = res.shape
+    big = poisoned_like(torch.empty(n, cout + 9, ho, wo, dtype=dtype, device=device))
+    big = big.contiguous(memory_format=torch.channels_last)
+    out = big[:, 4 : 4 + cout]
+    with fastcnn.use_backend(backend):
+        got = fastcnn.ops.conv_bn_act(
+            x, weight, bias, case.stride, case.padding, residual=res, out=out
+        )
+    assert got is out
+    assert torch.isnan(big[:, :4]).all() and torch.isnan(big[:, 4 + cout :]).all(), (
+        "wrote outside the out= slice"
+    )
+    assert not torch.isnan(out).any(), "left part of the slice unwritten"
+    assert_matches(out, _reference64(x, weight, bias, case, res, True), dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_no_bias(device, backend):
+    skip_unsupported(device, backend, torch.float32)
+    x, weight, _ = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, device)
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1)
+    expected = reference.conv_bn_act(x.double(), weight.double(), None, 1, 1)
+    assert_matches(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_rectangular_stride_and_padding(device, backend):
+    skip_unsupported(device, backend, torch.float32)
+    x, weight, bias = random_conv_inputs(13, 24, 3, 9, 11, torch.float32, device)
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.conv_bn_act(x, weight, bias, stride=(2, 1), padding=(0, 2))
+    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), (2, 1), (0, 2))
+    assert out.shape == expected.shape
+    assert_matches(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_nan_input_propagates(device, backend):
+    skip_unsupported(device, backend, torch.float32)
+    x, weight, bias = random_conv_inputs(13, 24, 1, 7, 9, torch.float32, device)
+    x[0, :, 3, 4] = float("nan")
+    with fastcnn.use_backend(backend):
+        out = fastcnn.ops.conv_bn_act(x, weight, bias)
+    assert torch.isnan(out[0, :, 3, 4]).all(), "NaN must reach the output, as in torch"
+    assert not torch.isnan(out[1]).any()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "w_shape"),
+    [({"groups": 2}, (24, 7, 3, 3)), ({"dilation": 2}, (24, 14, 3, 3))],
+    ids=["groups", "dilation"],
+)
+def test_groups_and_dilation_run_the_reference_with_a_note(monkeypatch, kwargs, w_shape):
+    monkeypatch.setattr(fastcnn._backend, "_warned", set())
+    x = torch.randn(2, 14, 9, 9).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(*w_shape) * 0.1
+    with pytest.warns(RuntimeWarning, match="groups > 1 and dilation != 1 have no fused kernel"):
+        out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1, **kwargs)
+    expected = reference.conv_bn_act(
+        x.double(),
+        weight.double(),
+        None,
+        1,
+        1,
+        groups=kwargs.get("groups", 1),
+        dilation=kwargs.get("dilation", 1),
+    )
+    assert_matches(out, expected, torch.float32)

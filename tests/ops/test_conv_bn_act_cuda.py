@@ -1,0 +1,80 @@
+"""conv_bn_act on a GPU at full network sizes (every ResNet-18/50 and GoogLeNet conv family),
+fp32/fp16/bf16, against the float64 reference. Skipped without a CUDA GPU."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conv_cases import CASE_IDS, CASES
+from fastcnn_testing import (
+    NO_GPU_REASON,
+    TOLERANCES,
+    assert_matches,
+    poisoned_like,
+    random_conv_inputs,
+    random_tensor,
+)
+
+import fastcnn
+from fastcnn import reference
+
+conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU_REASON),
+]
+
+
+def _run_case(case, dtype, backend, *, residual=True, out_slice=False, batch=2):
+    cin, cout, h, w = case.full
+    x, weight, bias = random_conv_inputs(cin, cout, case.kernel, h, w, dtype, "cuda", batch=batch)
+    pair = [case.stride] * 2, [case.padding] * 2
+    shape = conv_module.output_shape(x.shape, weight.shape, *pair, [1, 1])
+    res = random_tensor(shape, dtype, "cuda", seed=7) if residual else None
+    out = None
+    if out_slice:
+        big = poisoned_like(torch.empty(batch, cout + 16, *shape[2:], dtype=dtype, device="cuda"))
+        big = big.contiguous(memory_format=torch.channels_last)
+        out = big[:, 8 : 8 + cout]
+    with fastcnn.use_backend(backend):
+        got = fastcnn.ops.conv_bn_act(
+            x, weight, bias, case.stride, case.padding, residual=res, out=out
+        )
+    expected = reference.conv_bn_act(
+        x.double(),
+        weight.double(),
+        bias.double(),
+        case.stride,
+        case.padding,
+        residual=None if res is None else res.double(),
+    )
+    assert not torch.isnan(got).any()
+    assert_matches(got, expected, dtype)
+    if out_slice:
+        assert torch.isnan(big[:, :8]).all() and torch.isnan(big[:, 8 + cout :]).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_full_size_matches_reference(case, dtype, backend):
+    _run_case(case, dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_full_size_out_slice(case, dtype):
+    _run_case(case, dtype, "triton", out_slice=True)
+
+
+def test_fp32_follows_cudnn_allow_tf32(monkeypatch):
+    from fastcnn.triton import conv_bn_act as kernels
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert kernels._input_precision(torch.float32) == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert kernels._input_precision(torch.float32) == "ieee"
+    assert kernels._input_precision(torch.float16) == "ieee"
