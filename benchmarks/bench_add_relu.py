@@ -13,55 +13,16 @@ measurement) and a Markdown table beside it, and prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_common import environment, machine, time_ms, write_results
 
 import fastcnn
-from fastcnn import collect_env
 
 SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def git_commit() -> str:
-    if os.environ.get("FASTCNN_COMMIT"):
-        return os.environ["FASTCNN_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
-        return out.stdout.decode().strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def time_ms(fn, iters: int, warmup: int = 10) -> float:
-    """Median milliseconds per call: CUDA events around each call on a GPU, else perf_counter."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if not torch.cuda.is_available():
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def providers(x, r):
@@ -114,6 +75,7 @@ def main() -> None:
                     {
                         "dtype": dtype_name,
                         "shape": list(shape),
+                        "shape_str": "x".join(map(str, shape)),
                         "provider": name,
                         "ms": ms,
                         "GB/s": moved / ms / 1e6,
@@ -121,32 +83,23 @@ def main() -> None:
                     }
                 )
             del x, r, expected
-    env = {k: str(v) for k, v in collect_env.collect().items()}
-    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    env["git commit"] = git_commit()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"environment": env, "add_relu": rows}, indent=1))
-    machine = (
-        env["GPU"]
-        if args.device == "cuda"
-        else f"CPU {env['cpu']}, {torch.get_num_threads()} threads"
-    )
-    lines = [
-        f"# add_relu on {machine} ({env['date']}, commit {env['git commit'][:12]})",
-        "",
-        f"torch {env['torch']}, triton {env['triton']}, driver {env['CUDA driver']}; "
+    env = environment()
+    table = write_results(
+        args.out,
+        "add_relu",
+        rows,
+        env,
+        f"add_relu on {machine(env, args.device)}",
         f"channels_last; median of {args.iters} calls; eager = torch.relu(x + r)",
-        "",
-        "| dtype | shape | provider | ms | GB/s | vs eager |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['dtype']} | {'x'.join(map(str, row['shape']))} | {row['provider']} | "
-            f"{row['ms']:.4f} | {row['GB/s']:.0f} | {row['speedup_vs_eager']:.2f}x |"
-        )
-    table = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(table)
+        [
+            ("dtype", "{dtype}"),
+            ("shape", "{shape_str}"),
+            ("provider", "{provider}"),
+            ("ms", "{ms:.4f}"),
+            ("GB/s", "{GB/s:.0f}"),
+            ("vs eager", "{speedup_vs_eager:.2f}x"),
+        ],
+    )
     print(table)
 
 

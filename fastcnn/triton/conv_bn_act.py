@@ -16,6 +16,8 @@ Two K orders, chosen per call:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +147,19 @@ def _conv_bn_act_kernel(
 _tuned_kernel = None
 
 
+def _autotune_enabled() -> bool:
+    """FASTCNN_TRITON_AUTOTUNE=0 uses _heuristic_config instead of timing every config: quick
+    starts, and test runs that compile each shape once rather than once per config."""
+    return os.environ.get("FASTCNN_TRITON_AUTOTUNE", "1") not in ("0", "false", "off")
+
+
+def _heuristic_config(m: int, c_out: int, c_in: int) -> dict:
+    block_n = 128 if c_out >= 128 else 64
+    block_m = 128 if m >= 4096 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64 if c_in >= 64 else 32,
+            "GROUP_M": 8, "num_warps": 4, "num_stages": 3}  # fmt: skip
+
+
 def _gpu_kernel():
     """The autotuned kernel, made on first GPU use (the autotuner times configs on the GPU)."""
     global _tuned_kernel
@@ -205,13 +220,12 @@ def conv_bn_act_out(
         FLAT_K=c_in < _FLAT_K_BELOW,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
-    if interpreting():
-        cfg = _INTERPRETER_CONFIG
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
-        _conv_bn_act_kernel[grid](*args, **meta, **cfg)
-        return
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
 
-    _gpu_kernel()[grid](*args, **meta)
+    if interpreting() or not _autotune_enabled():
+        cfg = _INTERPRETER_CONFIG if interpreting() else _heuristic_config(m, c_out, c_in)
+        _conv_bn_act_kernel[grid(cfg)](*args, **meta, **cfg)
+    else:
+        _gpu_kernel()[grid](*args, **meta)

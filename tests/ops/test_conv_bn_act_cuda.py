@@ -78,3 +78,10 @@ def test_fp32_follows_cudnn_allow_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert kernels._input_precision(torch.float32) == "ieee"
     assert kernels._input_precision(torch.float16) == "ieee"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=[CASE_IDS[1], CASE_IDS[5]])
+def test_autotuned_kernel_matches_reference(monkeypatch, case):
+    """gpu_check runs the suite with FASTCNN_TRITON_AUTOTUNE=0 for time; this covers tuning."""
+    monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", "1")
+    _run_case(case, torch.float16, "triton")

@@ -1,0 +1,89 @@
+"""What the benchmark scripts share: timing, the environment block, writing result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastcnn import collect_env
+
+
+def git_commit() -> str:
+    """FASTCNN_COMMIT (the GPU machine gets a copy of the tree without .git), else git's HEAD."""
+    if os.environ.get("FASTCNN_COMMIT"):
+        return os.environ["FASTCNN_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
+    except OSError:
+        return "unknown"
+    return done.stdout.decode().strip() or "unknown"
+
+
+def time_ms(fn, iters: int, warmup: int = 10) -> float:
+    """Median milliseconds per call: CUDA events around each call on a GPU, else perf_counter."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if not torch.cuda.is_available():
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def environment() -> dict[str, str]:
+    """collect_env's facts plus the date and the commit, for every result file."""
+    env = {k: str(v) for k, v in collect_env.collect().items()}
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env["git commit"] = git_commit()
+    return env
+
+
+def machine(env: dict[str, str], device: str) -> str:
+    if device == "cuda":
+        return f"{env['GPU']} (driver {env['CUDA driver']})"
+    return f"CPU {env['cpu']}, {torch.get_num_threads()} threads"
+
+
+def write_results(path: Path, key: str, rows: list[dict], env: dict, title: str, notes: str,
+                  columns: list[tuple[str, str]]) -> str:  # fmt: skip
+    """Write path (JSON: environment + rows) and path.md (a table); return the table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, key: rows}, indent=1))
+    lines = [
+        f"# {title} ({env['date']}, commit {env['git commit'][:12]})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}; {notes}",
+        "",
+        "| " + " | ".join(header for header, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        cells = []
+        for _, fmt in columns:
+            try:
+                cells.append(fmt.format(**row))
+            except (KeyError, TypeError, ValueError):
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    path.with_suffix(".md").write_text(table)
+    return table
