@@ -63,8 +63,15 @@ def machine(env: dict[str, str], device: str) -> str:
     return f"CPU {env['cpu']}, {torch.get_num_threads()} threads"
 
 
-def write_results(path: Path, key: str, rows: list[dict], env: dict, title: str, notes: str,
-                  columns: list[tuple[str, str]]) -> str:  # fmt: skip
+def write_results(
+    path: Path,
+    key: str,
+    rows: list[dict],
+    env: dict,
+    title: str,
+    notes: str,
+    columns: list[tuple[str, str]],
+) -> str:
     """Write path (JSON: environment + rows) and path.md (a table); return the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, key: rows}, indent=1))

@@ -45,11 +45,19 @@ def distinct_convs(model_names: list[str]) -> list[dict]:
 
                 def hook(mod, inputs, output, name=name, model_name=model_name):
                     _, cin, h, w = inputs[0].shape
-                    key = (cin, mod.out_channels, mod.kernel_size[0], mod.stride[0],
-                           mod.padding[0], h, w)  # fmt: skip
+                    key = (
+                        cin,
+                        mod.out_channels,
+                        mod.kernel_size[0],
+                        mod.stride[0],
+                        mod.padding[0],
+                        h,
+                        w,
+                    )
                     residual = model_name.startswith("resnet") and name.endswith("conv3")
-                    entry = found.setdefault(key, {"layer": f"{model_name}.{name}", "key": key,
-                                                   "residual": False})  # fmt: skip
+                    entry = found.setdefault(
+                        key, {"layer": f"{model_name}.{name}", "key": key, "residual": False}
+                    )
                     entry["residual"] |= residual
 
                 hooks.append(module.register_forward_hook(hook))
@@ -98,18 +106,35 @@ def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int) -> list
     with torch.no_grad():
         torch.testing.assert_close(fast(), eager(), rtol=2e-2, atol=2e-2)
         base = time_ms(eager, iters)
-        common = {"layer": entry["layer"], "shape": f"{cin}->{cout} k{k}s{stride} {h}x{w}",
-                  "residual": res is not None}  # fmt: skip
+        common = {
+            "layer": entry["layer"],
+            "shape": f"{cin}->{cout} k{k}s{stride} {h}x{w}",
+            "residual": res is not None,
+        }
         rows.append({**common, "provider": "eager", "ms": base, "TFLOP/s": flops / base / 1e9})
         ms = time_ms(fast, iters)
-        rows.append({**common, "provider": "fastcnn", "ms": ms, "TFLOP/s": flops / ms / 1e9,
-                     "speedup": base / ms})  # fmt: skip
+        rows.append(
+            {
+                **common,
+                "provider": "fastcnn",
+                "ms": ms,
+                "TFLOP/s": flops / ms / 1e9,
+                "speedup": base / ms,
+            }
+        )
         if k == 1:
             a = torch.randn(batch * ho * wo, cin, device=dev, generator=g).to(dtype)
             b = conv_w.reshape(cout, cin).t()
             mm = time_ms(lambda: torch.matmul(a, b), iters)
-            rows.append({**common, "provider": "cublas", "ms": mm, "TFLOP/s": flops / mm / 1e9,
-                         "fastcnn_vs_cublas": mm / ms})  # fmt: skip
+            rows.append(
+                {
+                    **common,
+                    "provider": "cublas",
+                    "ms": mm,
+                    "TFLOP/s": flops / mm / 1e9,
+                    "fastcnn_vs_cublas": mm / ms,
+                }
+            )
     return rows
 
 

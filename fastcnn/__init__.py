@@ -3,7 +3,7 @@
 See README.md for the API in brief and the layering.
 """
 
-from fastcnn import nn, ops, reference
+from fastcnn import models, nn, ops, reference
 from fastcnn._backend import (
     BackendStatus,
     available_backends,
@@ -21,6 +21,7 @@ __all__ = [
     "available_backends",
     "fold_bn",
     "get_backend",
+    "models",
     "nn",
     "ops",
     "reference",

@@ -90,12 +90,15 @@ def _validate(x, weight, bias, stride, padding, groups, dilation, residual, relu
         _checks.check_out(_OP, out, torch.Size(shape), x)
 
 
-def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> torch.Tensor:
-    """The result follows x's memory format (channels_last in, channels_last out)."""
-    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+def new_output(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """An empty [N, C, H, W] tensor in x's memory format (channels_last in, channels_last out)."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> torch.Tensor:
+    return new_output(x, output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
 def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out, fresh) -> None:
