@@ -83,3 +83,29 @@ def random_conv_inputs(cin, cout, k, h, w, dtype, device, *, batch=2, channels_l
         x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.to(dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     return x, weight, bias.to(dtype=dtype, device=device)
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm2d non-trivial running statistics and affine parameters: with fresh
+    BN layers (mean 0, var 1, gamma 1, beta 0) folding is trivially right and proves nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Model outputs: the dtype's tolerance relative to the logits' scale (errors accumulate
+    through dozens of layers, so an element-wise relative bound would test noise)."""
+    rtol, _ = TOLERANCES[dtype]
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert not torch.isnan(actual).any(), "NaN in the output"
+    assert err <= 10 * rtol * max(scale, 1.0), f"max error {err:.3g} at logit scale {scale:.3g}"

@@ -222,8 +222,9 @@ def googlenet(
 
 def googlenet_loss(outputs, target: torch.Tensor, aux_weight: float = 0.3) -> torch.Tensor:
     """Cross-entropy of the logits plus aux_weight times each auxiliary head's (the paper's 0.3);
-    plain logits (eval, or aux_logits=False) give the plain cross-entropy."""
-    if isinstance(outputs, GoogLeNetOutputs):
+    plain logits (eval, or aux_logits=False) give the plain cross-entropy. Takes fastcnn's or
+    torchvision's GoogLeNetOutputs (same field names)."""
+    if hasattr(outputs, "aux_logits1"):
         loss = F.cross_entropy(outputs.logits, target)
         for aux in (outputs.aux_logits1, outputs.aux_logits2):
             if aux is not None:

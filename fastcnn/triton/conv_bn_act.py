@@ -42,10 +42,21 @@ _GPU_CONFIGS = [
         (32, 64, 32, 4, 5),
     ]
 ]  # fmt: skip
-# The interpreter runs every program and loop step in Python over numpy blocks: few, large
-# blocks are fastest there (a 64-channel 3x3 conv at 32x32: 6.1 s with 32x32x16, 0.3 s with
-# 128x64x64 on a 2-core CPU).
-_INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
+def _interpreter_config(m: int, c_out: int, c_in: int, flat_k: bool, k_taps: int) -> dict:
+    """The interpreter runs every program and loop step in Python over numpy blocks, so few,
+    large blocks are fastest there (a 64-channel 3x3 conv at 32x32 on a 2-core CPU: 6.1 s with
+    32x32x16 blocks, 0.3 s with 128x64x64): each block as large as its dimension, up to 256."""
+    k = c_in * k_taps if flat_k else c_in
+    return {
+        "BLOCK_M": min(256, max(16, triton.next_power_of_2(m))),
+        "BLOCK_N": min(256, max(16, triton.next_power_of_2(c_out))),
+        "BLOCK_K": min(256, max(16, triton.next_power_of_2(k))),
+        "GROUP_M": 8,
+    }
+
+
 # Below this many input channels the flat K order wastes less of each BLOCK_K chunk.
 _FLAT_K_BELOW = 32
 
@@ -225,7 +236,10 @@ def conv_bn_act_out(
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
 
     if interpreting() or not _autotune_enabled():
-        cfg = _INTERPRETER_CONFIG if interpreting() else _heuristic_config(m, c_out, c_in)
+        if interpreting():
+            cfg = _interpreter_config(m, c_out, c_in, meta["FLAT_K"], kh * kw)
+        else:
+            cfg = _heuristic_config(m, c_out, c_in)
         _conv_bn_act_kernel[grid(cfg)](*args, **meta, **cfg)
     else:
         _gpu_kernel()[grid](*args, **meta)
