@@ -12,11 +12,14 @@ from fastcnn._backend import (
     use_backend,
 )
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.optimize import optimize
+from fastcnn.report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "Report",
     "__version__",
     "available_backends",
     "fold_bn",
@@ -24,7 +27,9 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "optimize",
     "reference",
+    "report",
     "set_backend",
     "use_backend",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn import ops
+from fastcnn import _backend, ops
 from fastcnn.nn.fold_bn import fold_bn
 
 
@@ -16,7 +16,8 @@ class ConvBNAct(nn.Module):
     Triton kernel reads fastest) and ``bias`` [Cout] as buffers, so it loads from its own
     state_dict and moves with .to(). forward(x, residual=None, out=None) calls
     fastcnn.ops.conv_bn_act; it is an inference module (build one from trained modules with
-    from_modules, or load folded weights).
+    from_modules, or load folded weights). ``backend`` pins the backend it runs on (None: the
+    one in force, see fastcnn.set_backend).
     """
 
     def __init__(
@@ -31,8 +32,10 @@ class ConvBNAct(nn.Module):
         dilation: int | tuple[int, int] = 1,
         device=None,
         dtype=None,
+        backend: str | None = None,
     ):
         super().__init__()
+        self.backend = backend
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -49,19 +52,37 @@ class ConvBNAct(nn.Module):
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", torch.zeros(out_channels, device=device, dtype=dtype))
 
+    @staticmethod
+    def unsupported_reason(conv: nn.Conv2d) -> str | None:
+        """Why this Conv2d cannot become a ConvBNAct, or None if it can."""
+        if isinstance(conv.padding, str):
+            return f"padding={conv.padding!r} is not supported (use ints)"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} is not supported"
+        return None
+
     @classmethod
     def from_modules(
-        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.Module | bool | None = None
+        cls,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        relu: nn.Module | bool | None = None,
+        backend: str | None = None,
     ) -> ConvBNAct:
         """Fuse an eval-mode Conv2d -> BatchNorm2d (-> ReLU): relu is an nn.ReLU, True, or None
-        / False for no activation. The originals are not modified."""
+        / False for no activation; bn=None fuses a bare Conv2d (-> ReLU) with its own bias. The
+        originals are not modified."""
         if isinstance(relu, nn.Module) and not isinstance(relu, nn.ReLU):
             raise TypeError(f"ConvBNAct fuses nn.ReLU only, got {type(relu).__name__}")
-        if isinstance(conv.padding, str):
-            raise ValueError(f"ConvBNAct: padding={conv.padding!r} is not supported, use ints")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"ConvBNAct: padding_mode={conv.padding_mode!r} is not supported")
-        weight, bias = fold_bn(conv, bn)
+        reason = cls.unsupported_reason(conv)
+        if reason is not None:
+            raise ValueError(f"ConvBNAct: {reason}")
+        if bn is None:
+            weight = conv.weight.detach().clone()
+            bias = torch.zeros_like(weight[:, 0, 0, 0]) if conv.bias is None else conv.bias
+            bias = bias.detach().clone()
+        else:
+            weight, bias = fold_bn(conv, bn)
         module = cls(
             conv.in_channels,
             conv.out_channels,
@@ -73,6 +94,7 @@ class ConvBNAct(nn.Module):
             dilation=conv.dilation,
             device=weight.device,
             dtype=weight.dtype,
+            backend=backend,
         )
         with torch.no_grad():
             module.weight.copy_(weight)
@@ -85,6 +107,12 @@ class ConvBNAct(nn.Module):
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.backend is not None:
+            with _backend.use_backend(self.backend):
+                return self._run(x, residual, out)
+        return self._run(x, residual, out)
+
+    def _run(self, x, residual, out) -> torch.Tensor:
         return ops.conv_bn_act(
             x,
             self.weight,

@@ -1,0 +1,419 @@
+"""fastcnn.optimize: an eval-mode inference copy of a model with its fusable patterns replaced.
+
+Patterns, found on the model's torch.fx graph (module-level matching inside nn.Sequential when
+FX cannot trace it):
+  Conv2d -> BatchNorm2d [-> ReLU]             -> fastcnn.nn.ConvBNAct (BN folded in fp32)
+  Conv2d -> BatchNorm2d -> add(., r) -> ReLU  -> ConvBNAct(x, residual=r): ResNet's F(x) + x
+  Conv2d -> ReLU, Conv2d -> add -> ReLU       -> ConvBNAct with the conv's own bias
+  add(a, b) -> ReLU (no conv before it)       -> fastcnn.nn.AddReLU
+Everything else is kept as it was, and fastcnn.report(model) says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fastcnn import _backend
+from fastcnn.nn.add_relu import AddReLU
+from fastcnn.nn.conv_bn_act import ConvBNAct
+from fastcnn.report import Report
+
+# Relative error (to the output's scale) above which verify=True reverts a fused layer.
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclasses.dataclass
+class _Chain:
+    """One fusable chain in the graph: conv [-> bn] [-> add] [-> relu]."""
+
+    conv: fx.Node
+    bn: fx.Node | None = None
+    add: fx.Node | None = None
+    relu: fx.Node | None = None
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in (self.conv, self.bn, self.add, self.relu) if n is not None]
+
+    @property
+    def last(self) -> fx.Node:
+        return self.nodes[-1]
+
+    def residual(self) -> fx.Node | None:
+        """The add's other operand, read now (earlier rewrites may have replaced it)."""
+        if self.add is None:
+            return None
+        before = self.nodes[self.nodes.index(self.add) - 1]
+        a, b = self.add.args[:2]
+        return b if a is before else a
+
+    def describe(self) -> str:
+        parts = [
+            "Conv2d",
+            "BatchNorm2d" if self.bn else None,
+            "add" if self.add else None,
+            "ReLU" if self.relu else None,
+        ]
+        return " -> ".join(p for p in parts if p)
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: torch.nn's own modules (the default) and fastcnn's blocks, which already run
+    fused and branch on autograd state at run time."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("fastcnn.") or super().is_leaf_module(m, qualname)
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
+    if node is None:
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_tensor_add(node: fx.Node | None) -> bool:
+    if node is None or len(node.args) != 2 or node.kwargs:
+        return False
+    if not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _is_in_place(add: fx.Node) -> bool:
+    return add.target is operator.iadd or add.target == "add_"
+
+
+def _conv_blocker(conv: nn.Conv2d, calls: int) -> str | None:
+    """Why this conv cannot be fused, or None."""
+    if calls > 1:
+        return f"the module is called {calls} times (shared weights)"
+    if conv.groups != 1:
+        return f"groups={conv.groups}: the fused kernel takes groups=1 (kept for the Triton path)"
+    if conv.dilation != (1, 1):
+        return f"dilation={conv.dilation}: the fused kernel takes dilation 1"
+    return ConvBNAct.unsupported_reason(conv)
+
+
+def _grow_chain(
+    conv_node: fx.Node, modules: dict[str, nn.Module], claimed: set[fx.Node]
+) -> tuple[_Chain, str | None]:
+    """The longest fusable chain from a conv, and why it stops short of a BN if it does.
+    An add that an earlier chain claimed stays with it (both operands may be conv chains)."""
+    chain = _Chain(conv_node)
+    user = _sole_user(conv_node)
+    if user is None and any(
+        u.op == "call_module" and isinstance(modules.get(u.target), nn.BatchNorm2d)
+        for u in conv_node.users
+    ):
+        return chain, f"the conv output has {len(conv_node.users)} users, so BN cannot be folded"
+    bn = modules.get(user.target) if user is not None and user.op == "call_module" else None
+    if isinstance(bn, nn.BatchNorm2d):
+        if bn.running_mean is None:
+            return chain, "the BatchNorm2d tracks no running statistics"
+        chain.bn = user
+    tail = chain.last
+    user = _sole_user(tail)
+    if _is_tensor_add(user) and user not in claimed and _is_relu(_sole_user(user), modules):
+        if not _is_in_place(user) or user.args[0] is tail:  # `out += identity`, not the reverse
+            chain.add, chain.relu = user, _sole_user(user)
+    elif _is_relu(user, modules):
+        chain.relu = user
+    return chain, None
+
+
+def _traced(model: nn.Module) -> fx.GraphModule:
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _module_path_of(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def _capture(gm: fx.GraphModule, example: torch.Tensor, wanted: set[fx.Node]) -> dict:
+    """Run the (unmodified) graph on example, keeping the values of the wanted nodes."""
+    kept: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted or n.op == "output":
+                kept[n] = value
+            return value
+
+    with torch.no_grad():
+        kept["output"] = Recorder(gm).run(example)
+    return kept
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    return err / scale if err == err else float("inf")  # NaN is never within tolerance
+
+
+def _example_input(model: nn.Module) -> torch.Tensor | None:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return None
+    w = convs[0].weight
+    return torch.randn(2, convs[0].in_channels, 64, 64, generator=None).to(w.device, w.dtype)
+
+
+def _io_nodes(chain: _Chain) -> tuple[fx.Node, fx.Node | None, fx.Node]:
+    return chain.conv.args[0], chain.residual(), chain.last
+
+
+def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -> None:
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+
+    chains: list[_Chain] = []
+    claimed: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
+            continue
+        blocker = _conv_blocker(modules[node.target], calls[node.target])
+        if blocker is None:
+            chain, blocker = _grow_chain(node, modules, claimed)
+            if chain.bn is None and chain.relu is None:
+                blocker = blocker or "no BatchNorm2d or ReLU follows it: nothing to fuse"
+            else:
+                chains.append(chain)
+                claimed.update(chain.nodes)
+                continue
+        report.add(node.target, "Conv2d", "kept", blocker)
+
+    add_relus = [
+        n
+        for n in graph.nodes
+        if _is_tensor_add(n) and n not in claimed and _is_relu(_sole_user(n), modules)
+    ]
+
+    tolerance = None
+    captured = {}
+    if verify is not False and example is not None:
+        tolerance = verify if isinstance(verify, float) else VERIFY_TOLERANCE.get(example.dtype)
+        captured = _capture(gm, example, {n for c in chains for n in _io_nodes(c) if n})
+
+    # Each chain's input, residual and output nodes as traced: rewrites below replace them.
+    io_nodes = {id(c): _io_nodes(c) for c in chains}
+    for chain in chains:
+        conv = modules[chain.conv.target]
+        bn = modules[chain.bn.target] if chain.bn is not None else None
+        fused = ConvBNAct.from_modules(conv, bn, relu=chain.relu is not None, backend=backend)
+        if captured:
+            x_node, r_node, out_node = io_nodes[id(chain)]
+            r_val = captured[r_node] if r_node is not None else None
+            with torch.no_grad():
+                error = _relative_error(fused(captured[x_node], residual=r_val), captured[out_node])
+            if error > tolerance:
+                report.add(
+                    chain.conv.target,
+                    chain.describe(),
+                    "reverted",
+                    f"verify: error {error:.2e} > tolerance {tolerance:.0e}, originals kept",
+                )
+                continue
+        path = chain.conv.target
+        gm.add_submodule(path, fused)
+        kwargs = {"residual": chain.residual()} if chain.add is not None else {}
+        with graph.inserting_after(chain.last):
+            new = graph.call_module(path, args=(chain.conv.args[0],), kwargs=kwargs)
+        chain.last.replace_all_uses_with(new)
+        for n in reversed(chain.nodes):
+            graph.erase_node(n)
+        reason = "BN folded in fp32" if bn is not None else "conv bias kept"
+        if chain.add is not None:
+            reason += "; residual add + ReLU in the epilogue"
+        report.add(path, chain.describe(), "fused", reason, "ConvBNAct")
+
+    for i, add in enumerate(add_relus):
+        relu = _sole_user(add)
+        name = f"fastcnn_add_relu_{i}"
+        gm.add_submodule(name, AddReLU(backend=backend))
+        with graph.inserting_after(relu):
+            new = graph.call_module(name, args=tuple(add.args))
+        relu.replace_all_uses_with(new)
+        graph.erase_node(relu)
+        graph.erase_node(add)
+        report.add(_module_path_of(relu), "add -> ReLU", "fused", "one pass over memory", "AddReLU")
+
+    _report_left_over(gm, report)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    if captured:
+        with torch.no_grad():
+            error = _relative_error(gm(example), captured["output"])
+        report.notes.append(
+            f"verify: end-to-end relative error {error:.2e} on a random {tuple(example.shape)} "
+            f"{str(example.dtype).removeprefix('torch.')} input (per-layer tolerance "
+            f"{tolerance:.0e})"
+        )
+
+
+def _report_left_over(gm: fx.GraphModule, report: Report) -> None:
+    modules = dict(gm.named_modules())
+    seen = {e.path for e in report.entries}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.cat:
+            report.add(
+                n.name,
+                "torch.cat",
+                "kept",
+                "branch outputs are copied into the concat (no concat elimination here)",
+            )
+            continue
+        if n.op != "call_module" or n.target in seen:
+            continue
+        m = modules[n.target]
+        if isinstance(m, (ConvBNAct, AddReLU)):
+            continue
+        seen.add(n.target)
+        kind = type(m).__name__
+        if isinstance(m, nn.BatchNorm2d):
+            why = "not directly after a fusable Conv2d"
+        elif type(m).__module__.startswith("fastcnn."):
+            why = "a fastcnn block: already runs fused at inference"
+        else:
+            why = f"no fusion pattern for {kind}"
+        report.add(n.target, kind, "kept", why)
+
+
+def _dropped_modules(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """Top-most submodules with parameters that the eval-mode graph never calls (e.g.
+    GoogLeNet's auxiliary heads)."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    dropped = []
+    for name, m in model.named_children():
+        has_weights = any(True for _ in m.parameters())
+        if has_weights and not any(u == name or u.startswith(name + ".") for u in used):
+            dropped.append(name)
+    return dropped
+
+
+def _module_level_optimize(model: nn.Module, report: Report, backend) -> nn.Module:
+    """FX could not trace the model: fuse conv -> bn (-> relu) runs inside nn.Sequential."""
+    fused_ids = set()
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.children())
+        i = 0
+        while i < len(children) - 1:
+            conv, bn = children[i], children[i + 1]
+            relu = children[i + 2] if i + 2 < len(children) else None
+            ok = isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            if ok and _conv_blocker(conv, 1) is None and bn.running_mean is not None:
+                has_relu = isinstance(relu, nn.ReLU)
+                seq[i] = ConvBNAct.from_modules(conv, bn, relu=has_relu, backend=backend)
+                seq[i + 1] = nn.Identity()
+                if has_relu:
+                    seq[i + 2] = nn.Identity()
+                path = f"{seq_name}.{i}" if seq_name else str(i)
+                desc = "Conv2d -> BatchNorm2d" + (" -> ReLU" if has_relu else "")
+                report.add(
+                    path, desc, "fused", "BN folded in fp32 (in an nn.Sequential)", "ConvBNAct"
+                )
+                fused_ids.add(id(conv))
+                i += 3 if has_relu else 2
+            else:
+                i += 1
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and id(m) not in fused_ids:
+            report.add(
+                name,
+                "Conv2d",
+                "kept",
+                "FX could not trace the model and this conv is not followed by its "
+                "BatchNorm2d inside an nn.Sequential",
+            )
+    return model
+
+
+def optimize(
+    model: nn.Module,
+    backend: str | None = None,
+    inplace: bool = False,
+    verify: bool | float = False,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """An eval-mode inference copy of `model` with Conv2d -> BatchNorm2d (-> ReLU) chains,
+    residual add + ReLU and bare add + ReLU fused (see the module docstring).
+
+    backend: pin the fused modules to "triton", "cuda", "cpu" or "eager" (None: whatever is in
+    force when they run). inplace=False (default) deep-copies first, so `model` is untouched;
+    inplace=True skips the copy (the result shares modules with `model`, which is put in eval
+    mode). verify=True (or a float tolerance) runs example_input (default: a random
+    [2, C, 64, 64] batch in the model's dtype and device) through both, compares every fused
+    layer with the layers it replaces, reverts those whose relative error exceeds the dtype's
+    tolerance, and records it all in fastcnn.report(result). What cannot be fused is kept as it
+    was; a model that torch.fx cannot trace gets module-level matching inside nn.Sequential.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastcnn.optimize expects an nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        with _backend.use_backend(backend):  # refuses unknown or unavailable backends
+            pass
+    if isinstance(verify, bool) or verify is None:
+        verify = bool(verify)
+    elif not isinstance(verify, float) or verify <= 0:
+        raise ValueError(
+            f"fastcnn.optimize: verify must be a bool or a positive float, got {verify!r}"
+        )
+    work = model if inplace else copy.deepcopy(model)
+    work.eval()
+    report = Report(method="torch.fx", backend=backend or "in force when run (default auto)")
+    if type(work).__module__.startswith("fastcnn."):
+        report.method = "none needed"
+        report.notes.append(
+            f"{type(work).__name__} is a fastcnn model: it runs fused in eval mode already"
+        )
+        work._fastcnn_report = report
+        return work
+    example = None
+    if verify:
+        example = example_input if example_input is not None else _example_input(work)
+        if example is None:
+            report.notes.append("verify: skipped, no Conv2d to size a random input from")
+    try:
+        gm = _traced(work)
+    except Exception as exc:  # FX cannot trace data-dependent control flow and the like
+        report.method = f"module-level (torch.fx could not trace: {type(exc).__name__}: {exc})"
+        result = _module_level_optimize(work, report, backend)
+        result._fastcnn_report = report
+        return result
+    for name in _dropped_modules(work, gm):
+        report.add(
+            name,
+            type(getattr(work, name)).__name__,
+            "dropped",
+            "the eval-mode forward never calls it (e.g. an auxiliary head)",
+        )
+    _fx_optimize(gm, report, backend, verify, example)
+    gm._fastcnn_report = report
+    return gm

@@ -1,0 +1,72 @@
+"""What fastcnn.optimize did to a model: per module, what was fused, what was kept and why."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+ACTIONS = ("fused", "kept", "reverted", "dropped")
+
+
+@dataclasses.dataclass
+class ReportEntry:
+    path: str  # the module path (the first module of a fused chain)
+    original: str  # e.g. "Conv2d -> BatchNorm2d -> add -> ReLU"
+    action: str  # one of ACTIONS: reverted = fused, then undone by verify
+    replacement: str | None  # e.g. "ConvBNAct" when fused
+    reason: str  # what was fused, or why it was kept / reverted / dropped
+
+    @property
+    def fused(self) -> bool:
+        return self.action == "fused"
+
+
+@dataclasses.dataclass
+class Report:
+    method: str  # "torch.fx" or "module-level (...)"
+    backend: str
+    entries: list[ReportEntry] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, path: str, original: str, action: str, reason: str, replacement=None) -> None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown report action {action!r}")
+        self.entries.append(ReportEntry(path, original, action, replacement, reason))
+
+    def by_action(self, action: str) -> list[ReportEntry]:
+        return [e for e in self.entries if e.action == action]
+
+    @property
+    def fused(self) -> list[ReportEntry]:
+        return self.by_action("fused")
+
+    @property
+    def kept(self) -> list[ReportEntry]:
+        return self.by_action("kept")
+
+    def __str__(self) -> str:
+        rows = [("module", "original", "now", "reason")]
+        rows += [(e.path, e.original, e.replacement or e.action, e.reason) for e in self.entries]
+        widths = [min(48, max(len(r[i]) for r in rows)) for i in range(3)]
+        lines = [f"fastcnn.optimize report (matching: {self.method}; backend: {self.backend})"]
+        for i, row in enumerate(rows):
+            cells = [row[c].ljust(widths[c]) for c in range(3)]
+            lines.append("  ".join([*cells, row[3]]).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in [*widths, 6]))
+        counts = ", ".join(f"{len(self.by_action(a))} {a}" for a in ACTIONS)
+        folded = sum(len(e.original.split(" -> ")) for e in self.fused)
+        lines.append(f"totals: {counts} ({folded} modules/ops run as {len(self.fused)} kernels)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> Report:
+    """The Report of a model returned by fastcnn.optimize."""
+    found = getattr(model, "_fastcnn_report", None)
+    if found is None:
+        raise ValueError(
+            "fastcnn.report: this model was not produced by fastcnn.optimize (no report on it)"
+        )
+    return found

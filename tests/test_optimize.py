@@ -1,0 +1,249 @@
+"""fastcnn.optimize on torchvision's models and on hand-made ones: same eval function, no
+BatchNorm left, the input model untouched, partial optimization with the right report, verify."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from fastcnn_testing import assert_logits_close, randomize_batchnorm, skip_unsupported
+from torch import nn
+
+import fastcnn
+from fastcnn.nn import AddReLU, ConvBNAct
+
+
+def _torchvision(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "googlenet":
+        kwargs.setdefault("init_weights", True)
+    model = getattr(torchvision.models, name)(num_classes=10, **kwargs)
+    return randomize_batchnorm(model, seed=1).eval()
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "googlenet"])
+def test_same_eval_function_and_no_batchnorm_left(name, backend):
+    model = _torchvision(name)
+    fast = fastcnn.optimize(model, backend=None if backend == "auto" else backend)
+    assert _count(fast, nn.BatchNorm2d) == 0
+    aux_convs = 2 if name == "googlenet" else 0  # one per auxiliary head, dropped in eval
+    assert _count(fast, ConvBNAct) == _count(model, nn.Conv2d) - aux_convs
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastcnn.use_backend(backend):
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "googlenet"])
+def test_triton_backend(name):
+    skip_unsupported("cpu", "triton", torch.float32)
+    model = _torchvision(name)
+    fast = fastcnn.optimize(model, backend="triton")
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_the_input_model_is_unchanged():
+    model = _torchvision("resnet18").train()
+    before = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    fastcnn.optimize(model)
+    assert model.training, "optimize must not switch the given model to eval"
+    assert [type(m) for m in model.modules()] == types
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_result_is_in_eval_mode_and_reports_what_it_did():
+    fast = fastcnn.optimize(_torchvision("resnet18"))
+    assert not fast.training
+    report = fastcnn.report(fast)
+    assert len(report.fused) == 20  # 17 convs with BN (+ReLU / +add+ReLU), 3 downsample convs
+    residual = [e for e in report.fused if "add" in e.original]
+    assert len(residual) == 8 and all(e.replacement == "ConvBNAct" for e in residual)
+    text = str(report)
+    assert "layer1.0.conv2" in text and "totals: 20 fused" in text
+
+
+def test_googlenet_aux_heads_are_dropped_and_reported():
+    fast = fastcnn.optimize(_torchvision("googlenet", aux_logits=True))
+    dropped = {e.path for e in fastcnn.report(fast).by_action("dropped")}
+    assert dropped == {"aux1", "aux2"}
+    assert not hasattr(fast, "aux1")
+
+
+class PartlyFusable(nn.Module):
+    """A grouped conv, a conv whose output has two users, an unknown layer, a bare add+relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.grouped_bn = nn.BatchNorm2d(16)
+        self.shared = nn.Conv2d(16, 16, 1, bias=False)
+        self.shared_bn = nn.BatchNorm2d(16)
+        self.custom = nn.SiLU()  # a leaf FX keeps, with no fusion pattern
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        g = torch.relu(self.grouped_bn(self.grouped(x)))
+        s = self.shared(g)
+        y = self.shared_bn(s) + s  # the conv output has two users
+        y = self.custom(y)
+        return torch.relu(self.head(y) + y[:, :8])
+
+
+def test_partial_optimization_with_reasons():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(PartlyFusable(), seed=2).eval()
+    fast = fastcnn.optimize(model, backend="eager")
+    entries = {e.path: e for e in fastcnn.report(fast).entries}
+    assert entries["stem"].action == "fused"
+    assert entries["grouped"].action == "kept" and "groups=4" in entries["grouped"].reason
+    assert entries["shared"].action == "kept" and "2 users" in entries["shared"].reason
+    assert entries["custom"].action == "kept" and "SiLU" in entries["custom"].reason
+    assert entries["head"].action == "fused" and entries["head"].original.endswith("add -> ReLU")
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_bare_add_relu_becomes_addrelu():
+    class Residual(nn.Module):
+        def forward(self, a, b):
+            return torch.relu(a + b)
+
+    fast = fastcnn.optimize(Residual())
+    assert _count(fast, AddReLU) == 1
+    a, b = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(fast(a, b), torch.relu(a + b))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.other = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.other(y) if y.sum() > 0 else -self.other(y)
+
+
+def test_untraceable_model_falls_back_to_module_level_matching():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Untraceable(), seed=3).eval()
+    fast = fastcnn.optimize(model)
+    report = fastcnn.report(fast)
+    assert report.method.startswith("module-level (torch.fx could not trace")
+    assert [e.path for e in report.fused] == ["body.0"]
+    assert [e.path for e in report.kept] == ["other"]
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_verify_reverts_a_layer_that_disagrees(monkeypatch):
+    model = _torchvision("resnet18")
+    model.layer2[1].conv1.corrupt_me = True  # survives optimize's deep copy
+    real = ConvBNAct.from_modules
+
+    def corrupt_one(conv, bn, relu=None, backend=None):
+        fused = real(conv, bn, relu, backend)
+        if getattr(conv, "corrupt_me", False):
+            fused.bias.add_(1.0)  # a wrong kernel, as far as verify can tell
+        return fused
+
+    monkeypatch.setattr(ConvBNAct, "from_modules", staticmethod(corrupt_one))
+    fast = fastcnn.optimize(model, verify=True)
+    report = fastcnn.report(fast)
+    assert [e.path for e in report.by_action("reverted")] == ["layer2.1.conv1"]
+    assert any(n.startswith("verify: end-to-end") for n in report.notes)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_verify_accepts_a_tolerance_and_an_example_input():
+    model = _torchvision("resnet18")
+    example = torch.randn(1, 3, 40, 40)
+    fast = fastcnn.optimize(model, verify=1e-3, example_input=example)
+    assert not fastcnn.report(fast).by_action("reverted")
+    with pytest.raises(ValueError, match="verify must be a bool or a positive float"):
+        fastcnn.optimize(model, verify=-1.0)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_before_or_after(dtype, when):
+    model = _torchvision("resnet18")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+    fast = fastcnn.optimize(model.to(dtype)) if when == "before" else fastcnn.optimize(model)
+    fast = fast.to(dtype)
+    with torch.no_grad(), fastcnn.use_backend("eager"):
+        got = fast(x.to(dtype))
+    assert got.dtype == dtype
+    assert_logits_close(got.float(), expected, dtype)
+
+
+def test_batch_one_channels_last_inference_mode():
+    model = _torchvision("resnet50")
+    fast = fastcnn.optimize(model).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_torch_compile_and_export_of_the_optimized_model():
+    model = _torchvision("resnet18")
+    fast = fastcnn.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+        assert_logits_close(compiled(x), expected, torch.float32)
+    exported = torch.export.export(fast, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "fastcnn.conv_bn_act.default" in targets
+    with torch.no_grad():
+        assert_logits_close(exported.module()(x), expected, torch.float32)
+
+
+def test_resnext_grouped_convs_are_kept_and_the_rest_fused():
+    model = _torchvision("resnext50_32x4d")
+    fast = fastcnn.optimize(model)
+    report = fastcnn.report(fast)
+    grouped = [e for e in report.kept if "groups=32" in e.reason]
+    assert len(grouped) == 16 and len(report.fused) == 53 - 16
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_logits_close(fast(x), model(x), torch.float32)
+
+
+def test_fastcnn_models_need_no_rewrite():
+    fast = fastcnn.optimize(fastcnn.models.resnet18(num_classes=10))
+    assert isinstance(fast, fastcnn.models.ResNet) and not fast.training
+    assert "already" in fastcnn.report(fast).notes[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"expects an nn\.Module"):
+        fastcnn.optimize("resnet")
+    with pytest.raises(ValueError, match="unknown fastcnn backend"):
+        fastcnn.optimize(nn.Conv2d(3, 3, 1), backend="tpu")
+    with pytest.raises(ValueError, match=r"not produced by fastcnn\.optimize"):
+        fastcnn.report(nn.Conv2d(3, 3, 1))
