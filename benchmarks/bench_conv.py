@@ -68,9 +68,8 @@ def distinct_convs(model_names: list[str]) -> list[dict]:
     return list(found.values())
 
 
-def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int) -> list[dict]:
+def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: str) -> list[dict]:
     cin, cout, k, stride, pad, h, w = entry["key"]
-    dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, cin, h, w, device=dev, generator=g).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -145,10 +144,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=300, help="stop adding layers after")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True, help="JSON result file to write")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_conv needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_conv: --device cuda needs a CUDA GPU (or pass --device cpu)")
     start = time.perf_counter()
     rows: list[dict] = []
     layers = distinct_convs(args.models.split(","))
@@ -156,7 +156,7 @@ def main() -> None:
         if time.perf_counter() - start > args.max_seconds:
             print(f"bench_conv: time budget spent after {i} of {len(layers)} layers")
             break
-        rows += bench_layer(entry, args.batch, DTYPES[args.dtype], args.iters)
+        rows += bench_layer(entry, args.batch, DTYPES[args.dtype], args.iters, args.device)
         print(f"[{i + 1}/{len(layers)}] {entry['layer']}", flush=True)
     env = environment()
     table = write_results(
@@ -164,7 +164,7 @@ def main() -> None:
         "conv",
         rows,
         env,
-        f"conv+BN+ReLU on {machine(env, 'cuda')}",
+        f"conv+BN+ReLU on {machine(env, args.device)}",
         f"batch {args.batch}, {args.dtype}, channels_last; median of {args.iters} calls; "
         "speedup = eager ms / fastcnn ms; fastcnn_vs_cublas = cuBLAS ms / fastcnn ms (1x1 only)",
         [

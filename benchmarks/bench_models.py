@@ -28,7 +28,7 @@ import fastcnn
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def make_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
+def make_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(weights=None, **extra)
@@ -38,11 +38,12 @@ def make_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval().to("cuda", dtype).to(memory_format=torch.channels_last)
+    return model.eval().to(device, dtype).to(memory_format=torch.channels_last)
 
 
-def fused_backends() -> list[str]:
-    return [b for b in ("triton", "cuda") if fastcnn._backend.backend_status(b, "cuda")]
+def fused_backends(device: str) -> list[str]:
+    candidates = ("triton", "cuda") if device == "cuda" else ("cpu", "triton")
+    return [b for b in candidates if fastcnn._backend.backend_status(b, device)]
 
 
 def main() -> None:
@@ -52,24 +53,26 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_models needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_models: --device cuda needs a CUDA GPU (or pass --device cpu)")
     start = time.perf_counter()
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for name in args.models.split(","):
-            eager = make_model(name, dtype)
+            eager = make_model(name, dtype, args.device)
             variants = {"eager": eager}
-            for backend in fused_backends():
+            for backend in fused_backends(args.device):
                 variants[f"fastcnn-{backend}"] = fastcnn.optimize(eager, backend=backend)
             for batch in map(int, args.batches.split(",")):
                 if time.perf_counter() - start > args.max_seconds:
                     print("bench_models: time budget spent, stopping")
                     break
-                x = torch.randn(batch, 3, 224, 224, device="cuda").to(dtype)
+                x = torch.randn(batch, 3, args.size, args.size, device=args.device).to(dtype)
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
                     expected = eager(x).float()
@@ -105,9 +108,9 @@ def main() -> None:
         "models",
         rows,
         env,
-        f"models on {machine(env, 'cuda')}",
-        f"channels_last, inference_mode, 224x224; median of {args.iters} calls; speedup vs "
-        "eager torchvision; Triton with heuristic configs (no autotuning)",
+        f"models on {machine(env, args.device)}",
+        f"channels_last, inference_mode, {args.size}x{args.size}; median of {args.iters} calls; "
+        "speedup vs eager torchvision; Triton with heuristic configs (no autotuning)",
         [
             ("model", "{model}"),
             ("dtype", "{dtype}"),
