@@ -3,8 +3,9 @@
 Modules and state_dict keys are torchvision's (weights load both ways with strict=True); training
 mode computes what torchvision computes, auxiliary classifiers included. In eval mode every
 BasicConv2d (conv + BN + ReLU) is one fused conv_bn_act, the auxiliary heads are skipped, and each
-Inception block allocates its output once: every branch's last conv writes straight into its
-channel slice, so there is no torch.cat.
+Inception block runs as fastcnn.ops.inception (the FusedInception op): its three 1x1 convs on the
+block input as one GEMM, the max-pool fused into branch 4's conv, every branch writing straight
+into its slice of one output, so there is no torch.cat.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcnn import ops
 from fastcnn.nn.folded import FoldedConvBN, conv_bn_act_forward, runs_fused
-from fastcnn.ops.conv_bn_act import new_output
+from fastcnn.nn.fused_inception import pool_size
 
 __all__ = [
     "BasicConv2d",
@@ -77,29 +79,37 @@ class Inception(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True),
             conv_block(in_channels, pool_proj, kernel_size=1),
         )
-        self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
+        self._merged: tuple | None = None  # (the folds it came from, merged weight, merged bias)
 
-    def _branch_outputs(self, x: torch.Tensor, slices: list[torch.Tensor | None]):
-        return [
-            self.branch1(x, out=slices[0]),
-            self.branch2[1](self.branch2[0](x), out=slices[1]),
-            self.branch3[1](self.branch3[0](x), out=slices[2]),
-            self.branch4[1](self.branch4[0](x), out=slices[3]),
+    def _fused_args(self) -> list:
+        """ops.inception's weights from the branches' cached folds; the three 1x1 convs on x
+        concatenated once and again only when one of their folds changed."""
+        convs = [
+            self.branch1,
+            self.branch2[0],
+            self.branch3[0],
+            self.branch2[1],
+            self.branch3[1],
+            self.branch4[1],
         ]
+        (w1, b1), (w2r, b2r), (w3r, b3r), (w2, b2), (w3, b3), (w4, b4) = [
+            c._folded.get(c.conv, c.bn) for c in convs
+        ]
+        sources = (w1, w2r, w3r, b1, b2r, b3r)
+        if self._merged is None or any(
+            a is not b for a, b in zip(self._merged[0], sources, strict=True)
+        ):
+            weight = torch.cat([w1, w2r, w3r]).contiguous(memory_format=torch.channels_last)
+            self._merged = (sources, weight, torch.cat([b1, b2r, b3r]))
+        widths = [w1.shape[0], w2r.shape[0], w3r.shape[0]]
+        return [self._merged[1], self._merged[2], widths, w2, b2, w3, b3, w4, b4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not runs_fused(self, x):
-            return torch.cat(self._branch_outputs(x, [None] * 4), 1)
-        n, _, h, w = x.shape
-        out = new_output(x, [n, self.out_channels, h, w])  # the concat, allocated once
-        widths = [
-            self.branch1.conv.out_channels,
-            self.branch2[1].conv.out_channels,
-            self.branch3[1].conv.out_channels,
-            self.branch4[1].conv.out_channels,
-        ]
-        self._branch_outputs(x, list(torch.split(out, widths, dim=1)))
-        return out
+        pool = pool_size(self.branch4[0])
+        if runs_fused(self, x) and pool is not None:
+            return ops.inception(x, *self._fused_args(), pool)
+        outputs = [self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)]
+        return torch.cat(outputs, 1)
 
 
 class InceptionAux(nn.Module):

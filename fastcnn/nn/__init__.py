@@ -3,5 +3,6 @@
 from fastcnn.nn.add_relu import AddReLU
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.nn.fused_inception import FusedInception
 
-__all__ = ["AddReLU", "ConvBNAct", "fold_bn"]
+__all__ = ["AddReLU", "ConvBNAct", "FusedInception", "fold_bn"]

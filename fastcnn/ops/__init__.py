@@ -2,5 +2,6 @@
 
 from fastcnn.ops.add_relu import add_relu
 from fastcnn.ops.conv_bn_act import conv_bn_act
+from fastcnn.ops.inception import inception
 
-__all__ = ["add_relu", "conv_bn_act"]
+__all__ = ["add_relu", "conv_bn_act", "inception"]

@@ -12,6 +12,13 @@ Two K orders, chosen per call:
   conv is exactly the GEMM [N*H*W, Cin] x [Cin, Cout].
 - flat (FLAT_K=True): K walked as one (kh, kw, cin) index, for small Cin (the 7x7 stem has 3
   channels), where per-tap chunks of BLOCK_K would be mostly padding.
+
+Two extras serve the fused Inception block (fastcnn/ops/inception.py):
+- POOL=P (1x1 convs only): the input tile is the max over a PxP window (stride 1, padding P//2)
+  of x, so max-pool -> 1x1 conv never writes the pooled tensor;
+- HAS_SPLIT: output columns >= SPLIT_N are stored to a second tensor, so one GEMM over the
+  concatenated weights of several 1x1 convs on the same input writes each conv's result to its
+  own destination.
 """
 
 from __future__ import annotations
@@ -63,17 +70,19 @@ _FLAT_K_BELOW = 32
 
 @triton.jit
 def _conv_bn_act_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
-    M, N_OUT, C_IN, H, W, HO, WO,
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, out2_ptr,
+    M, N_OUT, C_IN, H, W, HO, WO, SPLIT_N,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     srn, src, srh, srw,
     son, soc, soh, sow,
+    s2n, s2c, s2h, s2w,
     M_BUCKET,  # next power of two of M: an autotuning key only
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FLAT_K: tl.constexpr, POOL: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Grouped program order: GROUP_M row blocks share each weight column block while in L2.
@@ -130,11 +139,15 @@ def _conv_bn_act_kernel(
                 for c0 in range(0, C_IN, BLOCK_K):
                     ci = c0 + offs_k
                     ci_ok = ci < C_IN
-                    a = tl.load(
-                        a_rows[:, None] + ci[None, :] * sxc,
-                        mask=row_ok[:, None] & ci_ok[None, :],
-                        other=0.0,
-                    )
+                    if POOL:
+                        a = _max_pool_tile(x_img, hi, wi, ci, ci_ok, mask_m, H, W,
+                                           sxc, sxh, sxw, POOL, BLOCK_M, BLOCK_K)  # fmt: skip
+                    else:
+                        a = tl.load(
+                            a_rows[:, None] + ci[None, :] * sxc,
+                            mask=row_ok[:, None] & ci_ok[None, :],
+                            other=0.0,
+                        )
                     b = tl.load(
                         b_cols[None, :] + ci[:, None] * swi,
                         mask=ci_ok[:, None] & mask_n[None, :],
@@ -151,8 +164,34 @@ def _conv_bn_act_kernel(
         acc += tl.load(r_rows[:, None] + offs_n[None, :] * src, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    val = acc.to(out_ptr.dtype.element_ty)
     o_rows = out_ptr + img * son + ho * soh + wo * sow
-    tl.store(o_rows[:, None] + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_SPLIT:
+        first = (offs_n < SPLIT_N)[None, :]
+        tl.store(o_rows[:, None] + offs_n[None, :] * soc, val, mask=mask & first)
+        o2_rows = out2_ptr + img * s2n + ho * s2h + wo * s2w
+        tl.store(o2_rows[:, None] + (offs_n - SPLIT_N)[None, :] * s2c, val, mask=mask & ~first)
+    else:
+        tl.store(o_rows[:, None] + offs_n[None, :] * soc, val, mask=mask)
+
+
+@triton.jit
+def _max_pool_tile(x_img, hi, wi, ci, ci_ok, mask_m, H, W, sxc, sxh, sxw,
+                   POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """[BLOCK_M, BLOCK_K] of max_pool2d(x, POOL, stride=1, padding=POOL // 2) at (hi, wi):
+    the pooled tensor is computed in registers and never stored."""
+    best = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
+    for ph in tl.static_range(POOL):
+        h = hi + ph - POOL // 2
+        for pw in tl.static_range(POOL):
+            w = wi + pw - POOL // 2
+            ok = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            v = tl.load(x_img[:, None] + ci[None, :] * sxc + (h * sxh + w * sxw)[:, None],
+                        mask=ok[:, None] & ci_ok[None, :], other=float("-inf"))  # fmt: skip
+            best = tl.maximum(best, v.to(tl.float32))
+    # The centre is always inside, so only masked rows/channels are still -inf: zero them.
+    best = tl.where(mask_m[:, None] & ci_ok[None, :], best, 0.0)
+    return best.to(x_img.dtype.element_ty)
 
 
 _tuned_kernel = None
@@ -177,7 +216,7 @@ def _gpu_kernel():
     if _tuned_kernel is None:
         _tuned_kernel = triton.autotune(
             configs=_GPU_CONFIGS,
-            key=["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K"],
+            key=["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K", "POOL"],
         )(_conv_bn_act_kernel)
     return _tuned_kernel
 
@@ -198,24 +237,34 @@ def conv_bn_act_out(
     stride: tuple[int, int],
     padding: tuple[int, int],
     relu: bool,
+    pool: int = 0,
+    out2: torch.Tensor | None = None,
 ) -> None:
     """Write relu(conv2d(x, weight, bias) + residual) into out (validated by fastcnn.ops).
 
-    x is read in channels_last: an NCHW x is converted once here. The weight is read through its
-    strides; fastcnn.nn.ConvBNAct keeps it channels_last so channel loads are contiguous.
+    x is read with channels innermost: an x whose channel stride is not 1 (NCHW) is converted to
+    channels_last once here; channels_last tensors and their channel slices are read in place.
+    The weight is read through its strides (fastcnn keeps weights channels_last so channel loads
+    are contiguous). pool=P (1x1 convs): the conv reads max_pool2d(x, P, 1, P // 2) computed in
+    registers. out2: output channels from out.shape[1] on go to out2 (channel c -> out2[:, c -
+    out.shape[1]]); weight and bias then hold out's and out2's channels, concatenated.
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    _, _, ho, wo = out.shape
+    _, split, ho, wo = out.shape
     m = n * ho * wo
     if m == 0 or c_out == 0:
         return
-    x = x.contiguous(memory_format=torch.channels_last)
-    r = residual if residual is not None else out  # a placeholder pointer when absent
+    if pool and (kh, kw, tuple(stride), tuple(padding)) != (1, 1, (1, 1), (0, 0)):
+        raise ValueError("pool= fuses a max-pool into a 1x1, stride-1, unpadded conv only")
+    if x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = residual if residual is not None else out  # placeholder pointers when absent
+    o2 = out2 if out2 is not None else out
     args = (
-        x, weight, bias if bias is not None else out, r, out,
-        m, c_out, c_in, h, w, ho, wo,
-        *x.stride(), *weight.stride(), *r.stride(), *out.stride(),
+        x, weight, bias if bias is not None else out, r, out, o2,
+        m, c_out, c_in, h, w, ho, wo, split,
+        *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *o2.stride(),
         triton.next_power_of_2(m),
     )  # fmt: skip
     meta = dict(
@@ -228,7 +277,9 @@ def conv_bn_act_out(
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         RELU=relu,
-        FLAT_K=c_in < _FLAT_K_BELOW,
+        FLAT_K=c_in < _FLAT_K_BELOW and not pool,
+        POOL=pool,
+        HAS_SPLIT=out2 is not None,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
 

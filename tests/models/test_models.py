@@ -146,9 +146,10 @@ def test_googlenet_eval_returns_logits_and_skips_aux():
 
 
 def test_googlenet_inference_has_no_concat():
+    skip_unsupported("cpu", "triton", torch.float32)
     _, ours = _pair("googlenet")
-    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.profiler.profile() as prof:
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastcnn.use_backend("triton"), torch.profiler.profile() as prof:
         ours.eval()(x)
     names = {e.name for e in prof.events()}
     assert "aten::cat" not in names, "Inception outputs must be written in place, not concatenated"
