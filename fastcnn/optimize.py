@@ -6,6 +6,8 @@ FX cannot trace it):
   Conv2d -> BatchNorm2d -> add(., r) -> ReLU  -> ConvBNAct(x, residual=r): ResNet's F(x) + x
   Conv2d -> ReLU, Conv2d -> add -> ReLU       -> ConvBNAct with the conv's own bias
   add(a, b) -> ReLU (no conv before it)       -> fastcnn.nn.AddReLU
+  cat([1x1(x), kxk(1x1(x)), kxk(1x1(x)), 1x1(maxpool(x))], 1), each conv fused as above
+                                              -> fastcnn.nn.FusedInception (GoogLeNet's block)
 Everything else is kept as it was, and fastcnn.report(model) says why.
 """
 
@@ -22,6 +24,7 @@ from torch import fx, nn
 from fastcnn import _backend
 from fastcnn.nn.add_relu import AddReLU
 from fastcnn.nn.conv_bn_act import ConvBNAct
+from fastcnn.nn.fused_inception import FusedInception, pool_size
 from fastcnn.report import Report
 
 # Relative error (to the output's scale) above which verify=True reverts a fused layer.
@@ -149,16 +152,15 @@ def _module_path_of(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
-def _capture(gm: fx.GraphModule, example: torch.Tensor, wanted: set[fx.Node]) -> dict:
-    """Run the (unmodified) graph on example, keeping the values of the wanted nodes."""
-    kept: dict[fx.Node, object] = {}
+def _capture(gm: fx.GraphModule, example: torch.Tensor) -> dict:
+    """Run the (unmodified) graph on example, keeping every node's value (the example input is
+    small) and the model's output under "output"."""
+    kept: dict[fx.Node | str, object] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
-            value = super().run_node(n)
-            if n in wanted or n.op == "output":
-                kept[n] = value
-            return value
+            kept[n] = super().run_node(n)
+            return kept[n]
 
     with torch.no_grad():
         kept["output"] = Recorder(gm).run(example)
@@ -217,10 +219,11 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
     captured = {}
     if verify is not False and example is not None:
         tolerance = verify if isinstance(verify, float) else VERIFY_TOLERANCE.get(example.dtype)
-        captured = _capture(gm, example, {n for c in chains for n in _io_nodes(c) if n})
+        captured = _capture(gm, example)
 
     # Each chain's input, residual and output nodes as traced: rewrites below replace them.
     io_nodes = {id(c): _io_nodes(c) for c in chains}
+    origin: dict[fx.Node, fx.Node] = {}  # new node -> the traced node whose value it computes
     for chain in chains:
         conv = modules[chain.conv.target]
         bn = modules[chain.bn.target] if chain.bn is not None else None
@@ -244,6 +247,7 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
         with graph.inserting_after(chain.last):
             new = graph.call_module(path, args=(chain.conv.args[0],), kwargs=kwargs)
         chain.last.replace_all_uses_with(new)
+        origin[new] = chain.last
         for n in reversed(chain.nodes):
             graph.erase_node(n)
         reason = "BN folded in fp32" if bn is not None else "conv bias kept"
@@ -262,6 +266,7 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
         graph.erase_node(add)
         report.add(_module_path_of(relu), "add -> ReLU", "fused", "one pass over memory", "AddReLU")
 
+    _fuse_inceptions(gm, report, backend, captured, origin, tolerance)
     _report_left_over(gm, report)
     graph.lint()
     gm.recompile()
@@ -273,6 +278,94 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
             f"verify: end-to-end relative error {error:.2e} on a random {tuple(example.shape)} "
             f"{str(example.dtype).removeprefix('torch.')} input (per-layer tolerance "
             f"{tolerance:.0e})"
+        )
+
+
+def _fused_conv(node, modules, kernel: int | None = None) -> ConvBNAct | None:
+    """node's ConvBNAct if it is a plain one (ReLU, no residual, one user); kernel=1 asks for a
+    1x1 conv."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or node.kwargs:
+        return None
+    m = modules.get(node.target)
+    if not isinstance(m, ConvBNAct) or not m.relu or len(node.users) != 1:
+        return None
+    if kernel is not None and tuple(m.kernel_size) != (kernel, kernel):
+        return None
+    return m
+
+
+def _match_inception(cat: fx.Node, modules) -> tuple | None:
+    """(x, the six branch conv nodes in FusedInception.from_folded order, the pool node, its
+    size) when cat is torch.cat([1x1(x), kxk(1x1(x)), kxk(1x1(x)), 1x1(maxpool(x))], 1)."""
+    branches = cat.args[0] if cat.args else None
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not isinstance(branches, (list, tuple)) or len(branches) != 4 or dim != 1:
+        return None
+    b1, b2, b3, b4 = branches
+    if not (_fused_conv(b1, modules, 1) and _fused_conv(b2, modules) and _fused_conv(b3, modules)):
+        return None
+    if not _fused_conv(b4, modules, 1):
+        return None
+    x = b1.args[0]
+    b2r, b3r, pool = b2.args[0], b3.args[0], b4.args[0]
+    if not (_fused_conv(b2r, modules, 1) and _fused_conv(b3r, modules, 1)):
+        return None
+    if not (isinstance(pool, fx.Node) and pool.op == "call_module" and len(pool.users) == 1):
+        return None
+    size = pool_size(modules.get(pool.target))
+    if size is None or not (b2r.args[0] is x and b3r.args[0] is x and pool.args[0] is x):
+        return None
+    return x, [b1, b2r, b2, b3r, b3, b4], pool, size
+
+
+def _fuse_inceptions(gm, report: Report, backend, captured: dict, origin: dict, tolerance) -> None:
+    """Replace each four-branch Inception concat (after conv fusion) with a FusedInception."""
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    matches = []
+    for cat in graph.nodes:
+        if cat.op == "call_function" and cat.target is torch.cat:
+            match = _match_inception(cat, modules)
+            if match is not None:  # x as traced, for verify: later rewrites replace it
+                matches.append((cat, origin.get(match[0], match[0]), match))
+    for i, (cat, x_traced, (_, convs, pool, size)) in enumerate(matches):
+        x = convs[0].args[0]  # now: an earlier block may have been replaced
+        paths = [c.target for c in convs]
+        prefix = paths[0].rsplit(".", 2)[0] if paths[0].count(".") >= 1 else ""
+        try:
+            fused = FusedInception.from_fused([modules[p] for p in paths], size, backend)
+        except (TypeError, ValueError) as exc:
+            report.add(cat.name, "Inception concat", "kept", str(exc))
+            continue
+        if captured:
+            with torch.no_grad():
+                error = _relative_error(fused(captured[x_traced]), captured[cat])
+            if error > tolerance:
+                report.add(
+                    prefix or cat.name,
+                    "Inception block",
+                    "reverted",
+                    f"verify: error {error:.2e} > tolerance {tolerance:.0e}",
+                )
+                continue
+        name = f"{prefix}.fastcnn_inception" if prefix else f"fastcnn_inception_{i}"
+        gm.add_submodule(name, fused)
+        with graph.inserting_after(cat):
+            new = graph.call_module(name, args=(x,))
+        cat.replace_all_uses_with(new)
+        graph.erase_node(cat)
+        for n in [convs[5], pool, convs[4], convs[3], convs[2], convs[1], convs[0]]:
+            graph.erase_node(n)
+        for entry in report.entries:
+            if entry.path in paths:
+                entry.replacement = "FusedInception"
+                entry.reason += f" (inside {name})"
+        report.add(
+            name,
+            "4 branches -> torch.cat",
+            "fused",
+            "1x1s on the input as one GEMM, max-pool fused, no concat",
+            "FusedInception",
         )
 
 

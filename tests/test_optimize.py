@@ -12,7 +12,7 @@ from fastcnn_testing import assert_logits_close, randomize_batchnorm, skip_unsup
 from torch import nn
 
 import fastcnn
-from fastcnn.nn import AddReLU, ConvBNAct
+from fastcnn.nn import AddReLU, ConvBNAct, FusedInception
 
 
 def _torchvision(name: str, **kwargs) -> nn.Module:
@@ -33,8 +33,10 @@ def test_same_eval_function_and_no_batchnorm_left(name, backend):
     model = _torchvision(name)
     fast = fastcnn.optimize(model, backend=None if backend == "auto" else backend)
     assert _count(fast, nn.BatchNorm2d) == 0
-    aux_convs = 2 if name == "googlenet" else 0  # one per auxiliary head, dropped in eval
-    assert _count(fast, ConvBNAct) == _count(model, nn.Conv2d) - aux_convs
+    if name == "googlenet":  # 3 stem convs; 9 Inception blocks of 6 convs; 2 aux heads dropped
+        assert _count(fast, ConvBNAct) == 3 and _count(fast, FusedInception) == 9
+    else:
+        assert _count(fast, ConvBNAct) == _count(model, nn.Conv2d)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), fastcnn.use_backend(backend):
         assert_logits_close(fast(x), model(x), torch.float32)
@@ -69,7 +71,7 @@ def test_result_is_in_eval_mode_and_reports_what_it_did():
     residual = [e for e in report.fused if "add" in e.original]
     assert len(residual) == 8 and all(e.replacement == "ConvBNAct" for e in residual)
     text = str(report)
-    assert "layer1.0.conv2" in text and "totals: 20 fused" in text
+    assert "layer1.0.conv2" in text and "totals: 20 fused, 3 kept" in text
 
 
 def test_googlenet_aux_heads_are_dropped_and_reported():
@@ -247,3 +249,12 @@ def test_bad_arguments():
         fastcnn.optimize(nn.Conv2d(3, 3, 1), backend="tpu")
     with pytest.raises(ValueError, match=r"not produced by fastcnn\.optimize"):
         fastcnn.report(nn.Conv2d(3, 3, 1))
+
+
+def test_optimized_googlenet_exports_with_the_inception_op():
+    fast = fastcnn.optimize(_torchvision("googlenet"))
+    x = torch.randn(1, 3, 32, 32)
+    exported = torch.export.export(fast, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "fastcnn.inception.default" in targets
+    assert "aten.cat.default" not in targets

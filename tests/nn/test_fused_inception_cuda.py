@@ -1,0 +1,56 @@
+"""FusedInception on a GPU at GoogLeNet's real sizes, fp32/fp16/bf16, and its profile: no
+torch.cat, no copy, no separate max-pool. Skipped without a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastcnn_testing import NO_GPU_REASON, TOLERANCES, randomize_batchnorm
+from inception_cases import INCEPTION_CONFIGS
+from torchvision.models.googlenet import Inception
+
+import fastcnn
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU_REASON),
+]
+
+
+def _block(config):
+    torch.manual_seed(0)
+    return randomize_batchnorm(Inception(*config), seed=1).eval().cuda()
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("name", list(INCEPTION_CONFIGS))
+def test_full_size_matches_torchvision(name, dtype, backend):
+    config, size = INCEPTION_CONFIGS[name]
+    block = _block(config)
+    x = torch.randn(4, config[0], size, size, device="cuda").to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block.double()(x.double())
+        fused = fastcnn.nn.FusedInception.from_module(block.to(dtype))
+        with fastcnn.use_backend(backend):
+            got = fused(x)
+    rtol, atol = TOLERANCES[dtype]
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), expected, rtol=4 * rtol, atol=4 * atol)
+
+
+def test_profile_has_no_cat_copy_or_pool():
+    config, size = INCEPTION_CONFIGS["4a"]
+    fused = fastcnn.nn.FusedInception.from_module(_block(config).half())
+    x = torch.randn(8, config[0], size, size, device="cuda").half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastcnn.use_backend("triton"):
+        fused(x)  # compile and tune first
+        torch.cuda.synchronize()
+        with torch.profiler.profile() as prof:
+            fused(x)
+            torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    for op in ("aten::cat", "aten::copy_", "aten::max_pool2d"):
+        assert op not in names, f"{op} in the fused Inception forward"
