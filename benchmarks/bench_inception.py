@@ -1,0 +1,116 @@
+"""GoogLeNet's Inception blocks on a GPU: fastcnn.nn.FusedInception vs torchvision's eager block
+vs the same block under torch.compile, each of the nine configurations at --batch (128),
+channels_last, --dtype (float16).
+
+Random weights with randomized BN statistics; each provider's output is checked against eager
+before it is timed. torch.compile compiles each block once (it is slow: the budget
+--max-seconds stops adding blocks, and the table says how many were measured).
+
+    python benchmarks/bench_inception.py --out benchmarks/results/DIR/inception.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_common import environment, machine, time_ms, write_results
+from torchvision.models.googlenet import Inception
+
+import fastcnn
+
+# (in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj), spatial size in GoogLeNet
+CONFIGS = {
+    "3a": ((192, 64, 96, 128, 16, 32, 32), 28),
+    "3b": ((256, 128, 128, 192, 32, 96, 64), 28),
+    "4a": ((480, 192, 96, 208, 16, 48, 64), 14),
+    "4b": ((512, 160, 112, 224, 24, 64, 64), 14),
+    "4c": ((512, 128, 128, 256, 24, 64, 64), 14),
+    "4d": ((512, 112, 144, 288, 32, 64, 64), 14),
+    "4e": ((528, 256, 160, 320, 32, 128, 128), 14),
+    "5a": ((832, 256, 160, 320, 32, 128, 128), 7),
+    "5b": ((832, 384, 192, 384, 48, 128, 128), 7),
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def make_block(config, dtype, device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = Inception(*config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return block.eval().to(device, dtype).to(memory_format=torch.channels_last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_inception: --device cuda needs a CUDA GPU (or pass --device cpu)")
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    rows = []
+    for name, (config, size) in CONFIGS.items():
+        if time.perf_counter() - start > args.max_seconds:
+            print(f"bench_inception: time budget spent before block {name}")
+            break
+        block = make_block(config, dtype, args.device)
+        x = torch.randn(args.batch, config[0], size, size, device=args.device).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        providers = {"eager": block, "fastcnn": fastcnn.nn.FusedInception.from_module(block)}
+        if not args.no_compile:
+            providers["compile"] = torch.compile(block)
+        with torch.inference_mode():
+            expected = block(x).float()
+            base = None
+            for provider, fn in providers.items():
+                err = (fn(x).float() - expected).abs().max().item()
+                scale = max(1.0, expected.abs().max().item())
+                ms = time_ms(lambda f=fn, x=x: f(x), args.iters, warmup=3)
+                base = ms if provider == "eager" else base
+                rows.append(
+                    {
+                        "block": name,
+                        "provider": provider,
+                        "ms": ms,
+                        "speedup": base / ms,
+                        "max_rel_error": err / scale,
+                    }
+                )
+                print(f"{name} {provider}: {ms:.3f} ms", flush=True)
+    env = environment()
+    table = write_results(
+        args.out,
+        "inception",
+        rows,
+        env,
+        f"Inception blocks on {machine(env, args.device)}",
+        f"batch {args.batch}, {args.dtype}, channels_last, inference_mode; median of "
+        f"{args.iters} calls; speedup vs torchvision's eager block",
+        [
+            ("block", "{block}"),
+            ("provider", "{provider}"),
+            ("ms", "{ms:.4f}"),
+            ("vs eager", "{speedup:.2f}x"),
+            ("rel. error", "{max_rel_error:.1e}"),
+        ],
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
