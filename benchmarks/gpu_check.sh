@@ -43,8 +43,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, append to the log, record time 
   [ "$rc" = 0 ] || status=1
 }
 
-step env 30 $PY -m fastcnn.collect_env
 step build 120 $PY -m fastcnn.build
+step env 30 $PY -m fastcnn.collect_env
 # Autotuning every test shape would cost minutes; the tests check the heuristic configs, one
 # test and the conv benchmark (which checks each output before timing it) the tuned ones.
 step tests 120 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider tests
