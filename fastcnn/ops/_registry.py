@@ -2,8 +2,9 @@
 
 Each op gives: its argument schema, a validate(*args, out) that raises clear errors (metadata only,
 so it also runs on fake tensors), an allocate(*args) that makes the result buffer (the same for
-real and fake tensors, so traced strides match eager ones) and a run(*args, out, fresh_out) that
-picks a backend and launches. From those this registers
+real and fake tensors, so traced strides match eager ones) and a run(*args, out) that picks a
+backend and launches, writing into out, or, when out is None, returning a result it allocated
+itself (a backend such as oneDNN makes its own output: no copy then). From those this registers
 
     fastcnn::NAME(args) -> Tensor           (functional)
     fastcnn::NAME_out(args, Tensor(a!) out)  (writes into out, e.g. a channel slice)
@@ -28,15 +29,16 @@ class FusedOp:
         schema: str,
         validate: Callable[..., None],
         allocate: Callable[..., torch.Tensor],
-        run: Callable[..., None],
+        run: Callable[..., torch.Tensor],
     ):
         self.name = name
         self._validate, self._allocate, self._run = validate, allocate, run
 
         def functional(*args):
+            # Traced graphs assume the fake's strides: write into a buffer allocated alike.
             validate(*args, None)
             out = allocate(*args)
-            run(*args, out, True)
+            run(*args, out)
             return out
 
         def functional_fake(*args):
@@ -45,7 +47,7 @@ class FusedOp:
 
         def into_out(*args):
             validate(*args[:-1], args[-1])
-            run(*args[:-1], args[-1], False)
+            run(*args[:-1], args[-1])
 
         def into_out_fake(*args):
             validate(*args[:-1], args[-1])
@@ -64,15 +66,11 @@ class FusedOp:
         self.into_out.register_fake(into_out_fake)
 
     def __call__(self, *args, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the op on already type-checked args; returns out (allocated when None)."""
+        """Run the op on already type-checked args; returns out, or a new result when None."""
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if can_skip_dispatcher(*tensors, out):  # same checks and kernels, less overhead
             self._validate(*args, out)
-            fresh_out = out is None
-            if fresh_out:
-                out = self._allocate(*args)
-            self._run(*args, out, fresh_out)
-            return out
+            return self._run(*args, out)
         if out is None:
             return self.functional(*args)
         self.into_out(*args, out)

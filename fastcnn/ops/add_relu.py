@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _backend, reference
+from fastcnn import _backend
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
@@ -18,14 +18,27 @@ from fastcnn.ops._registry import FusedOp
 _OP = "add_relu"
 
 
-def _eager(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(reference.add_relu(x, residual))
+def _eager(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """reference.add_relu's arithmetic (x + r, then relu), written into out: no extra copy."""
+    out = torch.empty_like(x) if out is None else out
+    return torch.add(x, residual, out=out).relu_()
+
+
+def _into_buffer(kernel):
+    """A kernel that writes into out, given a buffer when the caller gave none."""
+
+    def run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty_like(x) if out is None else out
+        kernel(x, residual, out)
+        return out
+
+    return run
 
 
 _IMPLS = {
-    "triton": triton_kernel("add_relu", "add_relu_out"),
-    "cuda": extension_kernel("add_relu_out"),
-    "cpu": extension_kernel("add_relu_out"),
+    "triton": _into_buffer(triton_kernel("add_relu", "add_relu_out")),
+    "cuda": _into_buffer(extension_kernel("add_relu_out")),
+    "cpu": _into_buffer(extension_kernel("add_relu_out")),
     "eager": _eager,
 }
 
@@ -40,10 +53,10 @@ def _validate(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None)
         _checks.check_out(_OP, out, x.shape, x)
 
 
-def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, fresh_out: bool) -> None:
-    if not fresh_out:  # a caller's out= may alias an input
+def _run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is not None:  # a caller's out= may alias an input
         _checks.check_no_partial_overlap(_OP, out, x=x, residual=residual)
-    _backend.pick(_OP, x.device, _IMPLS)(x, residual, out)
+    return _backend.pick(_OP, x.device, _IMPLS)(x, residual, out)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -20,17 +20,19 @@ _OP = "conv_bn_act"
 Pair = list[int]
 
 
-def _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
-    out.copy_(
-        reference.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, dilation)
-    )
+def _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    y = reference.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, dilation)
+    return as_result(x, y, out)
 
 
 _triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
 
 
-def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
+def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    if out is None:
+        out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu)
+    return out
 
 
 _IMPLS = {"triton": _triton_impl, "eager": _eager}
@@ -90,19 +92,31 @@ def _validate(x, weight, bias, stride, padding, groups, dilation, residual, relu
         _checks.check_out(_OP, out, torch.Size(shape), x)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last (and not also NCHW-contiguous) x, else NCHW."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def new_output(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """An empty [N, C, H, W] tensor in x's memory format (channels_last in, channels_last out)."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+def as_result(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A backend's own result y as the op's: copied into out, else in x's memory format (a
+    copy only when y came out in another one)."""
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
 def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> torch.Tensor:
     return new_output(x, output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
-def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out, fresh) -> None:
-    if not fresh:  # a caller's out= must not share memory with what the kernel reads
+def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    if out is not None:  # a caller's out= must not share memory with what the kernel reads
         _checks.check_no_overlap(_OP, out, x=x, weight=weight, bias=bias, residual=residual)
     if groups != 1 or dilation != [1, 1]:
         _backend.note_once(
@@ -113,7 +127,7 @@ def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out
         impl = _eager
     else:
         impl = _backend.pick(_OP, x.device, _IMPLS)
-    impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+    return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
 
 
 _op = FusedOp(

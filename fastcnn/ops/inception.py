@@ -19,13 +19,15 @@ from fastcnn import _backend, reference
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import triton_kernel
 from fastcnn.ops._registry import FusedOp
-from fastcnn.ops.conv_bn_act import new_output
+from fastcnn.ops.conv_bn_act import as_result, new_output
 
 _OP = "inception"
 _conv = triton_kernel("conv_bn_act", "conv_bn_act_out")
 
 
-def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out) -> None:
+def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    if out is None:
+        out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
     c1, c2r, _ = widths
     c2, c3 = w2.shape[0], w3.shape[0]
     if x.stride(1) != 1:  # once here rather than in two launches
@@ -41,10 +43,11 @@ def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out) -> None:
         k = weight.shape[-1] // 2
         _conv(src, weight, bias, None, slices[1 + i], same, (k, k), True)
     _conv(x, w4, b4, None, slices[3], same, none, True, pool=pool)
+    return out
 
 
-def _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out) -> None:
-    out.copy_(reference.inception(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool))
+def _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    return as_result(x, reference.inception(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool), out)
 
 
 _IMPLS = {"triton": _triton_impl, "eager": _eager}
@@ -97,11 +100,11 @@ def _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> torch.Tensor:
     return new_output(x, _out_shape(x, widths, w2, w3, w4))
 
 
-def _run(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out, fresh) -> None:
-    if not fresh:
+def _run(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    if out is not None:
         _checks.check_no_overlap(_OP, out, x=x)
     impl = _backend.pick(_OP, x.device, _IMPLS)
-    impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
+    return impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
 
 
 _op = FusedOp(
