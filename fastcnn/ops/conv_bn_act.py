@@ -35,7 +35,21 @@ def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, r
     return out
 
 
-_IMPLS = {"triton": _triton_impl, "eager": _eager}
+def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    from fastcnn.cpu import onednn
+
+    if not onednn.supports(x.dtype):
+        _backend.note_once(
+            (_OP, f"cpu-{x.dtype}"),
+            f"fastcnn.ops.{_OP}: oneDNN cannot run {x.dtype} convolutions on this CPU; "
+            "they run the eager reference",
+        )
+        return _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu)
+    return as_result(x, y, out)
+
+
+_IMPLS = {"triton": _triton_impl, "cpu": _cpu_impl, "eager": _eager}
 
 
 def _pair(name: str, value, minimum: int) -> Pair:
@@ -167,6 +181,11 @@ def conv_bn_act(
     out: a [N, Cout, Ho, Wo] view to write into instead of allocating, e.g. ``big[:, c0:c0+Cout]``
     of a larger channels_last tensor (only those channels are written); it must not overlap the
     inputs. groups > 1 and dilation != 1 run the eager reference (with a one-time note).
+
+    Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cpu" (one oneDNN primitive with
+    bias/residual/ReLU post-ops and prepacked weights; fp32, and bf16/fp16 where the CPU has
+    them, else the reference), "eager". NaN propagates as in torch everywhere except through
+    the "cpu" backend's fused ReLU, which (as oneDNN and Inductor's CPU path do) maps NaN to 0.
     """
     for name, t in (("x", x), ("weight", weight)):
         _checks.check_tensor(_OP, name, t)

@@ -50,7 +50,36 @@ def _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     return as_result(x, reference.inception(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool), out)
 
 
-_IMPLS = {"triton": _triton_impl, "eager": _eager}
+def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    """oneDNN: the three 1x1 convs as one primitive (bias + ReLU post-ops), the kxk convs on
+    channel slices of its result, the pool branch, then one concat written into the output.
+    oneDNN (through torch's ops) cannot write into a slice, hence the concat here."""
+    from fastcnn.cpu import onednn
+
+    if not onednn.supports(x.dtype):
+        _backend.note_once(
+            (_OP, f"cpu-{x.dtype}"),
+            f"fastcnn.ops.{_OP}: oneDNN cannot run {x.dtype} on this CPU; the reference runs",
+        )
+        return _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
+    c1, c2r, _ = widths
+    one, zero = (1, 1), (0, 0)
+    reduced = onednn.conv_bn_act(x, rw, rb, one, zero, None, True)
+    branches = [reduced[:, :c1]]
+    for weight, bias, src in (
+        (w2, b2, reduced[:, c1 : c1 + c2r]),
+        (w3, b3, reduced[:, c1 + c2r :]),
+    ):
+        k = weight.shape[-1] // 2
+        branches.append(onednn.conv_bn_act(src, weight, bias, one, (k, k), None, True))
+    pooled = torch.nn.functional.max_pool2d(x, pool, 1, pool // 2, ceil_mode=True)
+    branches.append(onednn.conv_bn_act(pooled, w4, b4, one, zero, None, True))
+    if out is None:
+        out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
+    return torch.cat(branches, 1, out=out)
+
+
+_IMPLS = {"triton": _triton_impl, "cpu": _cpu_impl, "eager": _eager}
 
 
 def _check_conv(name: str, weight, bias_name: str, bias, x, c_in: int, square_odd: bool) -> None:

@@ -19,7 +19,7 @@ from torchvision.models.googlenet import Inception as TorchvisionInception
 import fastcnn
 from fastcnn.models.googlenet import Inception as FastcnnInception
 
-BACKENDS = ["triton", "eager"]
+BACKENDS = ["triton", "cpu", "eager"]
 
 
 def _block(config, seed=0, cls=TorchvisionInception, **kwargs):

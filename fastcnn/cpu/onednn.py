@@ -1,0 +1,76 @@
+"""Conv + bias (+ residual) + ReLU on the CPU as ONE oneDNN primitive with post-ops.
+
+This is what PyTorch's own mkldnn fusion ops and Inductor's CPU freezing path run
+(torch.ops.mkldnn._convolution_pointwise): the bias, the residual add and the ReLU are oneDNN
+post-ops applied while each output block is still in registers/cache, instead of eager's separate
+passes. Weights are prepacked once into oneDNN's blocked layout (for the first input shape seen)
+and repacked only when the weight tensor changes (version counter, storage or shape).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_mkldnn = torch.ops.mkldnn
+
+# id(weight) -> (signature, packed weight); entries die with their weight tensor.
+_packed: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Can oneDNN run a convolution in this dtype on this CPU?"""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(_mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(_mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+def _signature(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+
+
+def prepacked(weight: torch.Tensor, padding, stride, input_shape) -> torch.Tensor:
+    """weight in oneDNN's blocked layout, packed once (per weight version)."""
+    key = id(weight)
+    signature = _signature(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    packed = _mkldnn._reorder_convolution_weight(
+        weight.contiguous(), list(padding), list(stride), [1, 1], 1, list(input_shape)
+    )
+    if hit is None:
+        weakref.finalize(weight, _packed.pop, key, None)
+    _packed[key] = (signature, packed)
+    return packed
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    padding,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + residual) as one oneDNN primitive; returns a new tensor
+    (channels_last for a channels_last x). groups=1, dilation=1, a dtype `supports` accepts."""
+    w = prepacked(weight, padding, stride, x.shape)
+    pad, st, dil = list(padding), list(stride), [1, 1]
+    if residual is None:
+        return _mkldnn._convolution_pointwise(
+            x, w, bias, pad, st, dil, 1, "relu" if relu else "none", [], ""
+        )
+    if residual.stride() != x.stride() and x.is_contiguous(memory_format=torch.channels_last):
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return _mkldnn._convolution_pointwise.binary(
+        x, residual, w, bias, pad, st, dil, 1, "add", None, "relu" if relu else "none", [], ""
+    )

@@ -1,0 +1,65 @@
+"""The "cpu" backend's oneDNN path: weights prepacked once, repacked when they change, dropped
+with their tensor; dtypes oneDNN cannot run here fall back to the reference with a note."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from fastcnn_testing import assert_matches, random_conv_inputs
+
+import fastcnn
+from fastcnn import reference
+from fastcnn.cpu import onednn
+
+pytestmark = pytest.mark.skipif(
+    not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
+)
+
+
+def _run(x, weight, bias):
+    with fastcnn.use_backend("cpu"):
+        return fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1)
+
+
+def test_weights_are_packed_once_and_repacked_when_they_change():
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
+    _run(x, weight, bias)
+    packed = onednn._packed[id(weight)][1]
+    _run(x, weight, bias)
+    assert onednn._packed[id(weight)][1] is packed, "the second call must reuse the packing"
+    with torch.no_grad():
+        weight.mul_(-1)  # an in-place update (an optimizer step, load_state_dict, ...)
+    out = _run(x, weight, bias)
+    assert onednn._packed[id(weight)][1] is not packed
+    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    assert_matches(out, expected, torch.float32)
+
+
+def test_packing_dies_with_its_weight():
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
+    _run(x, weight, bias)
+    key = id(weight)
+    assert key in onednn._packed
+    del weight
+    gc.collect()
+    assert key not in onednn._packed
+
+
+def test_other_batch_sizes_reuse_the_packing():
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu", batch=1)
+    _run(x, weight, bias)
+    x5, _, _ = random_conv_inputs(13, 24, 3, 11, 5, torch.float32, "cpu", batch=5, seed=3)
+    expected = reference.conv_bn_act(x5.double(), weight.double(), bias.double(), 1, 1)
+    assert_matches(_run(x5, weight, bias), expected, torch.float32)
+
+
+@pytest.mark.skipif(onednn.supports(torch.bfloat16), reason="this CPU runs bf16 in oneDNN")
+def test_dtype_onednn_cannot_run_falls_back_with_a_note(monkeypatch):
+    monkeypatch.setattr(fastcnn._backend, "_warned", set())
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.bfloat16, "cpu")
+    with pytest.warns(RuntimeWarning, match="oneDNN cannot run torch.bfloat16"):
+        out = _run(x, weight, bias)
+    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    assert_matches(out, expected, torch.bfloat16)
