@@ -84,7 +84,7 @@ def main() -> None:
                 got = fn(x).float()  # the first call compiles / packs
                 setup_s = time.perf_counter() - start
                 err = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
-                ms = time_ms(lambda f=fn: f(x), args.iters, warmup=2)
+                ms = time_ms(lambda f=fn, x=x: f(x), args.iters, warmup=2)
                 base = ms if provider == "eager" else base
                 rows.append(
                     {
