@@ -4,7 +4,8 @@ This is what PyTorch's own mkldnn fusion ops and Inductor's CPU freezing path ru
 (torch.ops.mkldnn._convolution_pointwise): the bias, the residual add and the ReLU are oneDNN
 post-ops applied while each output block is still in registers/cache, instead of eager's separate
 passes. Weights are prepacked once into oneDNN's blocked layout (for the first input shape seen)
-and repacked only when the weight tensor changes (version counter, storage or shape).
+and repacked only when the weight tensor changes (version counter, storage or shape; inference
+tensors have no version counter, so only a new storage or shape counts for them).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def supports(dtype: torch.dtype) -> bool:
 
 
 def _signature(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    # Inference tensors (made under torch.inference_mode) have no version counter: for them an
+    # in-place change of the same storage goes unnoticed; a new tensor is always noticed.
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
 
 
 def prepacked(weight: torch.Tensor, padding, stride, input_shape) -> torch.Tensor:

@@ -63,3 +63,13 @@ def test_dtype_onednn_cannot_run_falls_back_with_a_note(monkeypatch):
         out = _run(x, weight, bias)
     expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
     assert_matches(out, expected, torch.bfloat16)
+
+
+def test_weights_made_under_inference_mode():
+    with torch.inference_mode():
+        x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
+        out = _run(x, weight, bias)
+        again = _run(x, weight, bias)
+    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    assert_matches(out, expected, torch.float32)
+    assert torch.equal(out, again)
