@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_common import environment, machine, time_ms, write_results
 
 import fastcnn
+from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import environment, machine, time_ms, write_results
 from torch import nn
 
 import fastcnn
+from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 import torchvision
-from bench_common import environment, machine, time_ms, write_results
 
 import fastcnn
+from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

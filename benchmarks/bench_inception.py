@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import environment, machine, time_ms, write_results
 from torchvision.models.googlenet import Inception
 
 import fastcnn
+from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 # (in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj), spatial size in GoogLeNet
 CONFIGS = {

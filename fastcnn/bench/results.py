@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: timing, the environment block, writing result files."""
+"""Timing, the environment block and result files: shared by fastcnn-bench and benchmarks/."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def git_commit() -> str:
     """FASTCNN_COMMIT (the GPU machine gets a copy of the tree without .git), else git's HEAD."""
     if os.environ.get("FASTCNN_COMMIT"):
         return os.environ["FASTCNN_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout, when installed editable
     try:
         done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True)
     except OSError:

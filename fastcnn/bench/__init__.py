@@ -1,0 +1,226 @@
+"""fastcnn-bench (python -m fastcnn.bench): fused vs eager and peers, whole models or single ops.
+
+With no arguments it runs a short comparison on this machine's device (a few minutes on a CPU).
+Every provider's output is checked against eager before it is timed; a provider that disagrees
+is reported, not timed. Writes DIR/results.json (environment + every measurement),
+DIR/results.md and DIR/throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+from fastcnn.bench.providers import PROVIDERS, build, channels_last, make_model
+from fastcnn.bench.results import environment, machine, time_ms, write_results
+
+MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlenet"]
+OPS = ["add_relu", "conv_bn_act"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Largest relative error (to the logits' scale) at which a provider still "matches eager".
+MATCH_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
+    "cpu": dict(
+        model="resnet18,googlenet",
+        batch="1,8",
+        dtype="float32",
+        iters=10,
+        providers="eager,eager-cl,fastcnn",
+    ),
+    "cuda": dict(
+        model="resnet50,googlenet",
+        batch="1,32,256",
+        dtype="float16",
+        iters=30,
+        providers="eager,eager-cl,fastcnn,compile",
+    ),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastcnn-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help=f"comma list of {', '.join(MODELS)}, or all")
+    parser.add_argument("--op", choices=OPS, help="benchmark one op instead of whole models")
+    parser.add_argument("--batch", help="comma list of batch sizes")
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--providers", help=f"comma list of {', '.join(PROVIDERS)}")
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--iters", type=int, help="timed calls per measurement (median)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
+    parser.add_argument("--out", type=Path, help="result folder (default fastcnn-bench/<time>)")
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = MODELS if args.model == "all" else args.model.split(",")
+    for name in args.models:
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)} or all")
+    args.provider_list = args.providers.split(",")
+    for name in args.provider_list:
+        if name not in PROVIDERS:
+            parser.error(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    try:
+        args.batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        parser.error(f"--batch must be a comma list of integers, got {args.batch!r}")
+    if min(args.batches) < 1 or args.iters < 1:
+        parser.error("--batch and --iters must be positive")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or Path("fastcnn-bench") / stamp
+    return args
+
+
+class Progress:
+    """One line on stderr that counts finished measurements (tqdm when installed)."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="run", file=sys.stderr)
+        except ImportError:
+            self._bar = None
+        self.total, self.done = total, 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_description(label)
+            self._bar.update(1)
+        else:
+            print(f"\r[{self.done}/{self.total}] {label}".ljust(70), end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def _timer(fn, x, args):
+    """A no-argument callable to time: plain, or replaying a CUDA graph of fn(x)."""
+    if not args.cuda_graphs:
+        return lambda: fn(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return graph.replay
+
+
+def _workloads(args, dtype):
+    """(name, {provider: callable}, make_input(batch), images per call) per model or op."""
+    if args.op:
+        from fastcnn.bench.ops import op_workload
+
+        yield op_workload(args.op, args.provider_list, dtype, args.device)
+        return
+    for name in args.models:
+        model = make_model(name, dtype, args.device)
+        example = torch.randn(1, 3, args.size, args.size, device=args.device, dtype=dtype)
+        built = {}
+        for provider in args.provider_list:
+            try:
+                built[provider] = build(provider, model, example)
+            except Exception as exc:  # e.g. a backend that cannot run here: report, go on
+                built[provider] = exc
+
+        def make_input(batch, provider, name=name):
+            g = torch.Generator(device=args.device).manual_seed(batch)
+            x = torch.randn(batch, 3, args.size, args.size, device=args.device, generator=g)
+            x = x.to(dtype)
+            return x.contiguous(memory_format=torch.channels_last) if channels_last(provider) else x
+
+        yield name, built, make_input
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    rows: list[dict] = []
+    names = [args.op] if args.op else args.models
+    progress = Progress(len(names) * len(args.batches) * len(args.provider_list))
+    with torch.inference_mode():
+        for name, built, make_input in _workloads(args, dtype):
+            for batch in args.batches:
+                expected = None
+                base_ms = None
+                for provider, fn in built.items():
+                    progress.step(f"{name} b{batch} {provider}")
+                    row = {
+                        "model": name,
+                        "batch": batch,
+                        "dtype": args.dtype,
+                        "provider": provider,
+                        "device": args.device,
+                    }
+                    rows.append(row)
+                    if isinstance(fn, Exception):
+                        row["status"] = f"unavailable: {fn}"
+                        continue
+                    x = make_input(batch, provider)
+                    try:
+                        y = fn(x).float()
+                    except Exception as exc:
+                        row["status"] = f"failed: {type(exc).__name__}: {exc}"
+                        continue
+                    if expected is None:
+                        expected = y  # the first provider is the reference (eager by default)
+                    scale = max(1.0, expected.abs().max().item())
+                    row["max_rel_error"] = (y - expected).abs().max().item() / scale
+                    if not row["max_rel_error"] <= MATCH_TOLERANCE[dtype]:
+                        row["status"] = "output differs from the reference: not timed"
+                        continue
+                    ms = time_ms(_timer(fn, x, args), args.iters, warmup=3)
+                    base_ms = base_ms or ms
+                    row.update(status="ok", ms=ms, img_per_s=batch / ms * 1e3, speedup=base_ms / ms)
+    progress.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    env = environment()
+    env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    reference = args.provider_list[0]
+    table = write_results(
+        args.out / "results.json",
+        "measurements",
+        rows,
+        env,
+        f"fastcnn-bench on {machine(env, args.device)}",
+        f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls"
+        f"{', CUDA graphs' if args.cuda_graphs else ''}; speedup vs {reference}",
+        [
+            ("model", "{model}"),
+            ("batch", "{batch}"),
+            ("provider", "{provider}"),
+            ("img/s", "{img_per_s:.1f}"),
+            ("latency ms", "{ms:.3f}"),
+            (f"vs {reference}", "{speedup:.2f}x"),
+            ("rel. error", "{max_rel_error:.1e}"),
+            ("status", "{status}"),
+        ],
+    )
+    from fastcnn.bench.plot import plot_throughput
+
+    plot_throughput(rows, args.out / "throughput.png", env, args)
+    print(table)
+    print(f"wrote {args.out}/results.json, results.md, throughput.png")
+    return 0 if all(r.get("status") == "ok" or "unavailable" in r["status"] for r in rows) else 1

@@ -1,0 +1,5 @@
+import sys
+
+from fastcnn.bench import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""What fastcnn-bench compares: each provider turns an eval-mode torchvision model into a callable
+(building it may compile), so all of them are timed on the same weights and inputs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+import fastcnn
+
+PROVIDERS = {
+    "eager": "torchvision's model, NCHW",
+    "eager-cl": "torchvision's model, channels_last",
+    "fastcnn": "fastcnn.optimize(model), channels_last, backend auto",
+    "fastcnn-triton": "fastcnn.optimize(model, backend='triton'), channels_last",
+    "fastcnn-cuda": "fastcnn.optimize(model, backend='cuda'), channels_last",
+    "fastcnn-cpu": "fastcnn.optimize(model, backend='cpu'), channels_last",
+    "compile": "torch.compile(model) with Inductor freezing, channels_last",
+    "compile-max": "torch.compile(model, mode='max-autotune') with freezing (compiles slowly)",
+    "jit": "torch.jit.freeze + optimize_for_inference of the traced model, channels_last",
+}
+
+
+def channels_last(provider: str) -> bool:
+    return provider != "eager"
+
+
+def make_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """torchvision's `name` with random weights and randomized BatchNorm statistics (fresh BN
+    would make folding trivially right), in eval mode. Nothing is downloaded."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise SystemExit(
+            "fastcnn-bench compares against torchvision's models: pip install "
+            "torchvision (or pip install -e '.[test]')"
+        ) from exc
+    torch.manual_seed(0)
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **extra)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval().to(device, dtype)
+
+
+def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Callable:
+    """A callable for `provider` (see PROVIDERS); model is left unchanged."""
+    if provider == "eager":
+        return model
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    if provider == "eager-cl":
+        return cl
+    if provider.startswith("fastcnn"):
+        backend = provider.partition("-")[2] or None
+        return fastcnn.optimize(cl, backend=backend)
+    if provider in ("compile", "compile-max"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        torch._dynamo.reset()
+        mode = "max-autotune" if provider == "compile-max" else None
+        return torch.compile(cl, mode=mode)
+    if provider == "jit":
+        traced = torch.jit.trace(cl, example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")

@@ -1,0 +1,106 @@
+"""fastcnn-bench: writes its three files, checks outputs before timing, refuses bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastcnn import bench
+
+
+def test_models_run_writes_json_markdown_and_plot(tmp_path):
+    code = bench.main(
+        [
+            "--model",
+            "resnet18",
+            "--batch",
+            "1,2",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--providers",
+            "eager,fastcnn",
+            "--iters",
+            "1",
+            "--size",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["measurements"]
+    assert {(r["batch"], r["provider"]) for r in rows} == {
+        (1, "eager"),
+        (2, "eager"),
+        (1, "fastcnn"),
+        (2, "fastcnn"),
+    }
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["max_rel_error"] < 1e-3 for r in rows)
+    for key in ("torch", "cpu", "date", "git commit", "command"):
+        assert key in data["environment"]
+    assert "| resnet18 | 2 | fastcnn |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_op_mode(tmp_path):
+    code = bench.main(
+        [
+            "--op",
+            "add_relu",
+            "--batch",
+            "1",
+            "--device",
+            "cpu",
+            "--providers",
+            "eager,fastcnn-cpu",
+            "--iters",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["measurements"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_a_provider_that_cannot_run_is_reported_not_fatal(tmp_path):
+    code = bench.main(
+        [
+            "--model",
+            "resnet18",
+            "--batch",
+            "1",
+            "--device",
+            "cpu",
+            "--providers",
+            "eager,fastcnn-cuda",
+            "--iters",
+            "1",
+            "--size",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = json.loads((tmp_path / "results.json").read_text())["measurements"]
+    assert rows[1]["status"].startswith("unavailable") and code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "vgg16"], "unknown model 'vgg16'"),
+        (["--providers", "eager,tensorrt"], "unknown provider 'tensorrt'"),
+        (["--batch", "1,x"], "--batch must be a comma list of integers"),
+        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
+    assert message in capsys.readouterr().err
