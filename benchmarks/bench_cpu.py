@@ -19,25 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 
 import fastcnn
+from fastcnn.bench import providers
 from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    model = getattr(torchvision.models, name)(weights=None, **extra)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval().to(dtype).to(memory_format=torch.channels_last)
+    return providers.make_model(name, dtype, "cpu").to(memory_format=torch.channels_last)
 
 
 def build(provider: str, model: torch.nn.Module, x: torch.Tensor):

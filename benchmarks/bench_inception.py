@@ -21,19 +21,8 @@ from torchvision.models.googlenet import Inception
 
 import fastcnn
 from fastcnn.bench.results import environment, machine, time_ms, write_results
+from fastcnn.models.googlenet import INCEPTION_CONFIGS as CONFIGS
 
-# (in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj), spatial size in GoogLeNet
-CONFIGS = {
-    "3a": ((192, 64, 96, 128, 16, 32, 32), 28),
-    "3b": ((256, 128, 128, 192, 32, 96, 64), 28),
-    "4a": ((480, 192, 96, 208, 16, 48, 64), 14),
-    "4b": ((512, 160, 112, 224, 24, 64, 64), 14),
-    "4c": ((512, 128, 128, 256, 24, 64, 64), 14),
-    "4d": ((512, 112, 144, 288, 32, 64, 64), 14),
-    "4e": ((528, 256, 160, 320, 32, 128, 128), 14),
-    "5a": ((832, 256, 160, 320, 32, 128, 128), 7),
-    "5b": ((832, 384, 192, 384, 48, 128, 128), 7),
-}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

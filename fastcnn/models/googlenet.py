@@ -30,6 +30,20 @@ __all__ = [
     "googlenet_loss",
 ]
 
+# Each Inception block: (in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj), and
+# the spatial size it runs at for a 224x224 input.
+INCEPTION_CONFIGS = {
+    "3a": ((192, 64, 96, 128, 16, 32, 32), 28),
+    "3b": ((256, 128, 128, 192, 32, 96, 64), 28),
+    "4a": ((480, 192, 96, 208, 16, 48, 64), 14),
+    "4b": ((512, 160, 112, 224, 24, 64, 64), 14),
+    "4c": ((512, 128, 128, 256, 24, 64, 64), 14),
+    "4d": ((512, 112, 144, 288, 32, 64, 64), 14),
+    "4e": ((528, 256, 160, 320, 32, 128, 128), 14),
+    "5a": ((832, 256, 160, 320, 32, 128, 128), 7),
+    "5b": ((832, 384, 192, 384, 48, 128, 128), 7),
+}
+
 # Field names as torchvision's, so code written for one reads the other.
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
 
@@ -148,25 +162,25 @@ class GoogLeNet(nn.Module):
         self.aux_logits = aux_logits
         self.transform_input = transform_input
 
-        def inception(*channels):
-            return Inception(*channels, branch3_kernel=branch3_kernel)
+        def inception(name: str) -> Inception:
+            return Inception(*INCEPTION_CONFIGS[name][0], branch3_kernel=branch3_kernel)
 
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
         self.conv3 = BasicConv2d(64, 192, kernel_size=3, padding=1)
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.inception3a = inception(192, 64, 96, 128, 16, 32, 32)
-        self.inception3b = inception(256, 128, 128, 192, 32, 96, 64)
+        self.inception3a = inception("3a")
+        self.inception3b = inception("3b")
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.inception4a = inception(480, 192, 96, 208, 16, 48, 64)
-        self.inception4b = inception(512, 160, 112, 224, 24, 64, 64)
-        self.inception4c = inception(512, 128, 128, 256, 24, 64, 64)
-        self.inception4d = inception(512, 112, 144, 288, 32, 64, 64)
-        self.inception4e = inception(528, 256, 160, 320, 32, 128, 128)
+        self.inception4a = inception("4a")
+        self.inception4b = inception("4b")
+        self.inception4c = inception("4c")
+        self.inception4d = inception("4d")
+        self.inception4e = inception("4e")
         self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
-        self.inception5a = inception(832, 256, 160, 320, 32, 128, 128)
-        self.inception5b = inception(832, 384, 192, 384, 48, 128, 128)
+        self.inception5a = inception("5a")
+        self.inception5b = inception("5b")
         if aux_logits:
             self.aux1 = InceptionAux(512, num_classes, dropout=dropout_aux)
             self.aux2 = InceptionAux(528, num_classes, dropout=dropout_aux)
