@@ -102,13 +102,14 @@ def _triton_status(device_type: str) -> BackendStatus:
         import triton
     except ImportError as exc:
         return BackendStatus(False, f"triton is not installed ({exc})")
-    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    from fastcnn.triton._common import interpreting  # no triton import: cheap and safe
+
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return BackendStatus(False, "no CUDA device")
         return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
     if device_type == "cpu":
-        if interpret:
+        if interpreting():
             return BackendStatus(
                 True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1)"
             )
