@@ -91,14 +91,6 @@ def main() -> None:
         env,
         f"add_relu on {machine(env, args.device)}",
         f"channels_last; median of {args.iters} calls; eager = torch.relu(x + r)",
-        [
-            ("dtype", "{dtype}"),
-            ("shape", "{shape_str}"),
-            ("provider", "{provider}"),
-            ("ms", "{ms:.4f}"),
-            ("GB/s", "{GB/s:.0f}"),
-            ("vs eager", "{speedup_vs_eager:.2f}x"),
-        ],
     )
     print(table)
 

@@ -167,16 +167,6 @@ def main() -> None:
         f"conv+BN+ReLU on {machine(env, args.device)}",
         f"batch {args.batch}, {args.dtype}, channels_last; median of {args.iters} calls; "
         "speedup = eager ms / fastcnn ms; fastcnn_vs_cublas = cuBLAS ms / fastcnn ms (1x1 only)",
-        [
-            ("layer", "{layer}"),
-            ("shape", "{shape}"),
-            ("+res", "{residual}"),
-            ("provider", "{provider}"),
-            ("ms", "{ms:.4f}"),
-            ("TFLOP/s", "{TFLOP/s:.1f}"),
-            ("vs eager", "{speedup:.2f}x"),
-            ("vs cuBLAS", "{fastcnn_vs_cublas:.2f}"),
-        ],
     )
     print(table)
 

@@ -103,16 +103,6 @@ def main() -> None:
         f"batch {args.batch}, {args.size}x{args.size}, {args.dtype}, channels_last, "
         f"inference_mode, {args.threads} threads; median of {args.iters} calls after warm-up; "
         "speedup vs eager; vs best peer = best of eager/jit/inductor ms / fastcnn ms",
-        [
-            ("model", "{model}"),
-            ("provider", "{provider}"),
-            ("ms", "{ms:.1f}"),
-            ("img/s", "{img/s:.1f}"),
-            ("vs eager", "{speedup:.2f}x"),
-            ("vs best peer", "{vs_best_peer:.2f}x"),
-            ("setup s", "{setup_s:.1f}"),
-            ("rel. error", "{max_rel_error:.1e}"),
-        ],
     )
     print(table)
 

@@ -90,13 +90,6 @@ def main() -> None:
         f"Inception blocks on {machine(env, args.device)}",
         f"batch {args.batch}, {args.dtype}, channels_last, inference_mode; median of "
         f"{args.iters} calls; speedup vs torchvision's eager block",
-        [
-            ("block", "{block}"),
-            ("provider", "{provider}"),
-            ("ms", "{ms:.4f}"),
-            ("vs eager", "{speedup:.2f}x"),
-            ("rel. error", "{max_rel_error:.1e}"),
-        ],
     )
     print(table)
 

@@ -14,61 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from fastcnn.bench.results import table_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-# Per result kind (the JSON's measurement key): the columns (header, row format) to quote.
-COLUMNS = {
-    "add_relu": [
-        ("dtype", "{dtype}"),
-        ("shape", "{shape_str}"),
-        ("provider", "{provider}"),
-        ("ms", "{ms:.4f}"),
-        ("GB/s", "{GB/s:.0f}"),
-        ("vs eager", "{speedup_vs_eager:.2f}x"),
-    ],
-    "cpu": [
-        ("model", "{model}"),
-        ("provider", "{provider}"),
-        ("ms", "{ms:.1f}"),
-        ("img/s", "{img/s:.1f}"),
-        ("vs eager", "{speedup:.2f}x"),
-        ("vs best peer", "{vs_best_peer:.2f}x"),
-    ],
-    "conv": [
-        ("layer", "{layer}"),
-        ("shape", "{shape}"),
-        ("provider", "{provider}"),
-        ("ms", "{ms:.4f}"),
-        ("TFLOP/s", "{TFLOP/s:.1f}"),
-        ("vs eager", "{speedup:.2f}x"),
-        ("vs cuBLAS", "{fastcnn_vs_cublas:.2f}"),
-    ],
-    "inception": [
-        ("block", "{block}"),
-        ("provider", "{provider}"),
-        ("ms", "{ms:.4f}"),
-        ("vs eager", "{speedup:.2f}x"),
-    ],
-    "measurements": [
-        ("model", "{model}"),
-        ("batch", "{batch}"),
-        ("provider", "{provider}"),
-        ("img/s", "{img_per_s:.1f}"),
-        ("latency ms", "{ms:.3f}"),
-        ("speedup", "{speedup:.2f}x"),
-        ("status", "{status}"),
-    ],
-}
-
-
-def _cell(fmt: str, row: dict) -> str:
-    if isinstance(row.get("shape"), list):  # older add_relu files have no shape_str
-        row = {"shape_str": "x".join(map(str, row["shape"])), **row}
-    try:
-        return fmt.format(**row)
-    except (KeyError, TypeError, ValueError):
-        return ""
 
 
 def _machine(env: dict) -> str:
@@ -93,11 +42,9 @@ def section() -> str:
             f"**{rel}**: {_machine(env)}, torch {env['torch']}, {env['date'][:10]}, "
             f"commit {env['git commit'][:12]} ([table]({rel.removesuffix('.json')}.md))",
             "",
-            "| " + " | ".join(h for h, _ in COLUMNS[kind]) + " |",
-            "|" + "---|" * len(COLUMNS[kind]),
+            *table_lines(kind, rows),
+            "",
         ]
-        parts += ["| " + " | ".join(_cell(f, r) for _, f in COLUMNS[kind]) + " |" for r in rows]
-        parts.append("")
     parts.append(END)
     return "\n".join(parts)
 

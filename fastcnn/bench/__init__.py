@@ -216,16 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         f"fastcnn-bench on {machine(env, args.device)}",
         f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls"
         f"{', CUDA graphs' if args.cuda_graphs else ''}; speedup vs {reference}",
-        [
-            ("model", "{model}"),
-            ("batch", "{batch}"),
-            ("provider", "{provider}"),
-            ("img/s", "{img_per_s:.1f}"),
-            ("latency ms", "{ms:.3f}"),
-            (f"vs {reference}", "{speedup:.2f}x"),
-            ("rel. error", "{max_rel_error:.1e}"),
-            ("status", "{status}"),
-        ],
     )
     from fastcnn.bench.plot import plot_throughput
 

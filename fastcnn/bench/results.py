@@ -63,27 +63,67 @@ def machine(env: dict[str, str], device: str) -> str:
     return f"CPU {env['cpu']}, {torch.get_num_threads()} threads"
 
 
-def write_results(
-    path: Path,
-    key: str,
-    rows: list[dict],
-    env: dict,
-    title: str,
-    notes: str,
-    columns: list[tuple[str, str]],
-) -> str:
-    """Write path (JSON: environment + rows) and path.md (a table); return the table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, key: rows}, indent=1))
+# Per result kind (the JSON's measurement key): the table columns, (header, row format). One
+# home for both the Markdown written beside each result file and the README's results section.
+COLUMNS = {
+    "add_relu": [
+        ("dtype", "{dtype}"),
+        ("shape", "{shape_str}"),
+        ("provider", "{provider}"),
+        ("ms", "{ms:.4f}"),
+        ("GB/s", "{GB/s:.0f}"),
+        ("vs eager", "{speedup_vs_eager:.2f}x"),
+    ],
+    "cpu": [
+        ("model", "{model}"),
+        ("provider", "{provider}"),
+        ("ms", "{ms:.1f}"),
+        ("img/s", "{img/s:.1f}"),
+        ("vs eager", "{speedup:.2f}x"),
+        ("vs best peer", "{vs_best_peer:.2f}x"),
+        ("setup s", "{setup_s:.1f}"),
+        ("rel. error", "{max_rel_error:.1e}"),
+    ],
+    "conv": [
+        ("layer", "{layer}"),
+        ("shape", "{shape}"),
+        ("+res", "{residual}"),
+        ("provider", "{provider}"),
+        ("ms", "{ms:.4f}"),
+        ("TFLOP/s", "{TFLOP/s:.1f}"),
+        ("vs eager", "{speedup:.2f}x"),
+        ("vs cuBLAS", "{fastcnn_vs_cublas:.2f}"),
+    ],
+    "inception": [
+        ("block", "{block}"),
+        ("provider", "{provider}"),
+        ("ms", "{ms:.4f}"),
+        ("vs eager", "{speedup:.2f}x"),
+        ("rel. error", "{max_rel_error:.1e}"),
+    ],
+    "measurements": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("provider", "{provider}"),
+        ("img/s", "{img_per_s:.1f}"),
+        ("latency ms", "{ms:.3f}"),
+        ("speedup", "{speedup:.2f}x"),
+        ("rel. error", "{max_rel_error:.1e}"),
+        ("status", "{status}"),
+    ],
+}
+
+
+def table_lines(kind: str, rows: list[dict]) -> list[str]:
+    """The Markdown table of rows under COLUMNS[kind]; a value a row lacks is left blank."""
+    columns = COLUMNS[kind]
     lines = [
-        f"# {title} ({env['date']}, commit {env['git commit'][:12]})",
-        "",
-        f"torch {env['torch']}, triton {env['triton']}; {notes}",
-        "",
         "| " + " | ".join(header for header, _ in columns) + " |",
         "|" + "---|" * len(columns),
     ]
     for row in rows:
+        if isinstance(row.get("shape"), list):  # older add_relu files have no shape_str
+            row = {"shape_str": "x".join(map(str, row["shape"])), **row}
         cells = []
         for _, fmt in columns:
             try:
@@ -91,6 +131,23 @@ def write_results(
             except (KeyError, TypeError, ValueError):
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(
+    path: Path, kind: str, rows: list[dict], env: dict, title: str, notes: str
+) -> str:
+    """Write path (JSON: environment + rows under `kind`) and path.md (its table); return the
+    table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, kind: rows}, indent=1))
+    lines = [
+        f"# {title} ({env['date']}, commit {env['git commit'][:12]})",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}; {notes}",
+        "",
+        *table_lines(kind, rows),
+    ]
     table = "\n".join(lines) + "\n"
     path.with_suffix(".md").write_text(table)
     return table
