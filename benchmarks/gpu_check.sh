@@ -2,7 +2,7 @@
 # The GPU check: one command for a GPU machine with torch, triton and nvcc already installed and
 # no network. It builds the extension, runs the whole test suite on CUDA, benchmarks the ops and
 # writes everything to benchmarks/results/<gpu>-<date>/ (and to $OUT when set). Each step has a
-# time limit; together they stay under 10 minutes (590 s), typically about 6-7.
+# time limit; together they stay under 10 minutes (570 s), typically about 6-7.
 #
 #   FASTCNN_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh
 #
@@ -43,37 +43,43 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, append to the log, record time 
   [ "$rc" = 0 ] || status=1
 }
 
-step build 120 $PY -m fastcnn.build
-step env 30 $PY -m fastcnn.collect_env
+step build 100 $PY -m fastcnn.build
+step env 20 $PY -m fastcnn.collect_env
 # Autotuning every test shape would cost minutes; the tests check the heuristic configs, one
 # test and the conv benchmark (which checks each output before timing it) the tuned ones.
 # pytest-xdist (in the GPU image) spreads the suite over the machine's cores; one GPU serves all.
 parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-step tests 140 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $parallel tests
-step add_relu 30 $PY benchmarks/bench_add_relu.py --out "$dir/add_relu.json"
-step conv 70 $PY benchmarks/bench_conv.py --max-seconds 45 --out "$dir/conv.json"
-# Whole models: fastcnn-bench (torchvision eager vs optimize()), fp16 and bf16. The heuristic
-# Triton configs keep it inside the budget; bench_conv.py reports the autotuned per-layer speeds.
+step tests 150 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider $parallel tests
+# Ops and whole models through fastcnn-bench at batch 1, 32 and 256, fp16 and bf16: both CUDA
+# backends (Triton, the extension) against eager channels_last (ops) and eager NCHW and
+# channels_last (models). The heuristic Triton configs keep it inside the budget;
+# bench_conv.py reports the autotuned per-layer speeds.
 for dt in float16 bfloat16; do
-  step "models-$dt" 65 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device cuda \
-    --model resnet50,googlenet --batch 1,32,256 --dtype "$dt" --providers eager,eager-cl,fastcnn \
-    --iters 10 --out "$dir/models-$dt"
+  step "ops-$dt" 35 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device cuda \
+    --op all --batch 1,32,256 --dtype "$dt" --providers eager-cl,fastcnn-triton,fastcnn-cuda \
+    --iters 20 --out "$dir/ops-$dt"
 done
-step inception 70 $PY benchmarks/bench_inception.py --max-seconds 45 --out "$dir/inception.json"
+step conv 45 $PY benchmarks/bench_conv.py --max-seconds 30 --out "$dir/conv.json"
+for dt in float16 bfloat16; do
+  step "models-$dt" 70 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device cuda \
+    --model resnet50,googlenet --batch 1,32,256 --dtype "$dt" \
+    --providers eager,eager-cl,fastcnn-triton,fastcnn-cuda --iters 10 --out "$dir/models-$dt"
+done
+step inception 45 $PY benchmarks/bench_inception.py --max-seconds 30 --out "$dir/inception.json"
 
 echo
 echo "=== gpu_check summary ($dir, commit ${FASTCNN_COMMIT:0:12}) ===" | tee -a "$log"
 printf '%s\n' "${summary[@]}" | tee -a "$log"
 # One summary.md of every table (the device tool returns at most 8 files: the log, the JSON
 # files and this summary).
-for table in "$dir"/{add_relu,conv,inception}.md "$dir"/models-*/results.md; do
+for table in "$dir"/ops-*/results.md "$dir"/{conv,inception}.md "$dir"/models-*/results.md; do
   [ -f "$table" ] && { cat "$table"; echo; }
 done >"$dir/summary.md"
 cat "$dir/summary.md"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/$(basename "$dir")"
   cp "$log" "$dir/summary.md" "$dir"/*.json "$OUT/$(basename "$dir")/"
-  for sub in "$dir"/models-*; do
+  for sub in "$dir"/ops-* "$dir"/models-*; do
     [ -d "$sub" ] && mkdir -p "$OUT/$(basename "$dir")/$(basename "$sub")" &&
       cp "$sub/results.json" "$OUT/$(basename "$dir")/$(basename "$sub")/"
   done

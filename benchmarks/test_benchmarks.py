@@ -2,8 +2,9 @@
 
     python -m pytest benchmarks/test_benchmarks.py --benchmark-only [--benchmark-json FILE]
 
-Op level (add_relu, conv_bn_act at ResNet-50 sizes) and model level (resnet18, resnet50,
-resnet101, googlenet) for each provider of fastcnn-bench that runs on this device. Every timed
+Op level (add_relu, conv_bn_act at ResNet-50 sizes, GoogLeNet's Inception 4a block) and model
+level (resnet18, resnet50, resnet101, googlenet) for each provider of fastcnn-bench that runs on
+this device. Every timed
 call synchronizes the GPU, so the wall time is the kernel time plus launch overhead.
 """
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from fastcnn.bench import providers
-from fastcnn.bench.ops import op_workload
+from fastcnn.bench.ops import OPS, op_workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -29,7 +30,7 @@ def _synced(fn, x):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("provider", OP_PROVIDERS)
-@pytest.mark.parametrize("op", ["add_relu", "conv_bn_act"])
+@pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, op, provider, batch):
     _, built, make_input = op_workload(op, [provider], DTYPE, DEVICE)
     with torch.inference_mode():

@@ -7,12 +7,23 @@
 namespace fastcnn {
 #ifdef FASTCNN_WITH_CUDA
 std::string cuda_arch_list();  // cuda/build_info.cu
+bool with_cublaslt();          // cuda/build_info.cu
 #endif
 }  // namespace fastcnn
 
 TORCH_LIBRARY(fastcnn_ext, m) {
   // relu(x + residual) written into out (any layout; same shape, dtype and device).
   m.def("add_relu_out(Tensor x, Tensor residual, Tensor(a!) out) -> ()");
+  // relu?(conv2d(x, weight) + bias + residual) written into out (a channel slice included);
+  // groups = 1, dilation = 1. CUDA only: the CPU path is oneDNN, called from Python.
+  m.def(
+      "conv_bn_act_out(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "Tensor? residual, bool relu, Tensor(a!) out) -> ()");
+  // The eval-mode Inception block of fastcnn.ops.inception, written into out. CUDA only.
+  m.def(
+      "inception_out(Tensor x, Tensor reduce_weight, Tensor reduce_bias, int[3] widths, "
+      "Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor w4, Tensor b4, int pool, "
+      "Tensor(a!) out) -> ()");
 }
 
 #define FASTCNN_STR2(x) #x
@@ -24,9 +35,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTCNN_WITH_CUDA
     info["with_cuda"] = true;
     info["cuda_arch_list"] = fastcnn::cuda_arch_list();
+    info["cublaslt"] = fastcnn::with_cublaslt();
 #else
     info["with_cuda"] = false;
     info["cuda_arch_list"] = pybind11::none();
+    info["cublaslt"] = false;
 #endif
 #ifdef CPU_CAPABILITY_AVX2
     info["cpu_capability"] = FASTCNN_STR(CPU_CAPABILITY);

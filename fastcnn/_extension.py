@@ -45,6 +45,7 @@ class ExtensionStatus:
     with_cuda: bool
     cuda_note: str  # why CUDA sources were (not) compiled
     arch_list: str | None
+    cublaslt: bool  # 1x1 convs run as cuBLASLt GEMMs (else through cuDNN)
     cpu_capability: str | None
     build_dir: str
     error: str | None
@@ -154,6 +155,55 @@ def _gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def _nvidia_package_dirs() -> list[Path]:
+    """The folders of torch's pip CUDA packages (nvidia/cu13, nvidia/cublas, ...), if any."""
+    try:
+        import nvidia  # namespace package installed with torch's CUDA wheels
+    except ImportError:
+        return []
+    return sorted(p for root in nvidia.__path__ for p in Path(root).iterdir() if p.is_dir())
+
+
+def find_cublaslt(home: str) -> tuple[Path, Path] | None:
+    """(the folder holding cublasLt.h, the libcublasLt shared library) or None.
+
+    The toolkit's own first, else the ones torch's CUDA wheels installed (a toolkit that came
+    with nvcc alone has no cuBLAS)."""
+    roots = [Path(home), *_nvidia_package_dirs()]
+    headers = [
+        r / sub / "cublasLt.h" for r in roots for sub in ("include", "targets/x86_64-linux/include")
+    ]
+    libs = [
+        lib
+        for r in roots
+        for sub in ("lib64", "lib")
+        for lib in sorted((r / sub).glob("libcublasLt.so*"))
+    ]
+    header = next((h for h in headers if h.is_file()), None)
+    return (header.parent, libs[0]) if header is not None and libs else None
+
+
+def _cublaslt_flags(home: str, out: Path) -> tuple[list[str], list[str]]:
+    """(nvcc flags, linker flags) that compile csrc/cuda/cublaslt_conv1x1.cu against cuBLASLt;
+    ([], []) without it (1x1 convs then take the cuDNN path).
+
+    A wheel's include folder also holds its own cuda_runtime.h and friends, which must not
+    shadow the toolkit's: only the two cuBLAS headers are linked into a private folder."""
+    found = find_cublaslt(home)
+    if found is None:
+        return [], []
+    include, library = found
+    private = out / "cublaslt-include"
+    private.mkdir(parents=True, exist_ok=True)
+    for name in ("cublasLt.h", "cublas_api.h"):
+        link = private / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(include / name)
+    ldflags = [f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"]
+    return [f"-I{private}", "-DFASTCNN_WITH_CUBLASLT"], ldflags
+
+
 def compiled_sources() -> list[str]:
     """The source files a build compiles here (CUDA ones only when a toolkit is used)."""
     return _sources(with_cuda=_cuda_plan()[0] is not None)
@@ -175,6 +225,7 @@ def _compile(verbose: bool) -> ModuleType:
     defines = ["-DFASTCNN_WITH_CUDA"] if home else []
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    lt_cflags, lt_ldflags = _cublaslt_flags(home, out) if home else ([], [])
     saved_cuda_home = os.environ.get("CUDA_HOME")
     saved_home = cpp_extension.CUDA_HOME
     try:
@@ -185,8 +236,14 @@ def _compile(verbose: bool) -> ModuleType:
             name=EXTENSION_NAME,
             sources=_sources(with_cuda=home is not None),
             extra_cflags=["-O3", *_openmp_flags(), *cpu_flags, *defines],
-            extra_ldflags=_openmp_flags(),
-            extra_cuda_cflags=["-O3", "-lineinfo", *_gencode_flags(arch_list()), *defines],
+            extra_ldflags=[*_openmp_flags(), *lt_ldflags],
+            extra_cuda_cflags=[
+                "-O3",
+                "-lineinfo",
+                *_gencode_flags(arch_list()),
+                *defines,
+                *lt_cflags,
+            ],
             build_directory=str(out),
             with_cuda=home is not None,
             verbose=verbose,
@@ -236,6 +293,7 @@ def status(build: bool = False) -> ExtensionStatus:
         with_cuda=with_cuda,
         cuda_note=note,
         arch_list=arch,
+        cublaslt=bool(info.get("cublaslt", False)),
         cpu_capability=info.get("cpu_capability"),
         build_dir=str(build_dir()),
         error=_error,

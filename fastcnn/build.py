@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastcnn extension built in {seconds:.1f} s (includes loading a cached build)")
     print(f"  module      : {module.__file__}")
     print(f"  sources     : {', '.join(sources)}")
-    cuda = f"yes, archs {state.arch_list}" if state.with_cuda else f"no ({state.cuda_note})"
+    cuda = (
+        f"yes, archs {state.arch_list}, 1x1 convs through "
+        f"{'cuBLASLt' if state.cublaslt else 'cuDNN (no cuBLASLt found)'}"
+        if state.with_cuda
+        else f"no ({state.cuda_note})"
+    )
     print(f"  CUDA        : {cuda}")
     print(f"  CPU vector  : {state.cpu_capability}")
     print(f"  build dir   : {state.build_dir}")

@@ -67,7 +67,9 @@ def collect() -> dict[str, object]:
         "GPU": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "extension built": ext.built,
         "extension CUDA sources": (
-            f"compiled (archs {ext.arch_list})" if ext.with_cuda else f"no ({ext.cuda_note})"
+            f"compiled (archs {ext.arch_list}, cuBLASLt {'yes' if ext.cublaslt else 'no'})"
+            if ext.with_cuda
+            else f"no ({ext.cuda_note})"
         ),
         "extension CPU vectorization": ext.cpu_capability or "n/a",
         "extension build dir": ext.build_dir,

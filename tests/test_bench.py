@@ -47,10 +47,11 @@ def test_models_run_writes_json_markdown_and_plot(tmp_path):
 
 
 def test_op_mode(tmp_path):
+    """Every op, each against eager, at GoogLeNet/ResNet sizes (batch 1 keeps it quick)."""
     code = bench.main(
         [
             "--op",
-            "add_relu",
+            "all",
             "--batch",
             "1",
             "--device",
@@ -65,7 +66,12 @@ def test_op_mode(tmp_path):
     )
     assert code == 0
     rows = json.loads((tmp_path / "results.json").read_text())["measurements"]
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [(r["model"], r["provider"], r["status"]) for r in rows] == [
+        (op, provider, "ok")
+        for op in ("add_relu", "conv_bn_act", "inception")
+        for provider in ("eager", "fastcnn-cpu")
+    ]
+    assert all(r["max_rel_error"] < 1e-4 for r in rows)
 
 
 def test_a_provider_that_cannot_run_is_reported_not_fatal(tmp_path):
@@ -95,6 +101,7 @@ def test_a_provider_that_cannot_run_is_reported_not_fatal(tmp_path):
     ("argv", "message"),
     [
         (["--model", "vgg16"], "unknown model 'vgg16'"),
+        (["--op", "add_relu,softmax"], "unknown op 'softmax'"),
         (["--providers", "eager,tensorrt"], "unknown provider 'tensorrt'"),
         (["--batch", "1,x"], "--batch must be a comma list of integers"),
         (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs --device cuda"),

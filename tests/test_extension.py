@@ -28,6 +28,11 @@ def test_cuda_sources_compile_and_link_even_without_a_gpu():
     assert status.with_cuda, status.cuda_note
     assert status.arch_list, "the extension should report the archs nvcc compiled for"
     assert any(s.endswith(".cu") for s in _extension.compiled_sources())
+    # cuBLASLt (1x1 convs with fused epilogues) is compiled in whenever its header and library
+    # can be found, the toolkit's or torch's CUDA wheels'
+    assert status.cublaslt == (_extension.find_cublaslt(_extension.find_cuda_home()) is not None)
+    # torch's cu13 wheels ship cuBLASLt
+    assert status.cublaslt or not _extension._nvidia_package_dirs()
 
 
 def test_no_cuda_env_compiles_cpu_sources_only(monkeypatch):

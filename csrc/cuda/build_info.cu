@@ -1,4 +1,5 @@
-// Reports the GPU architectures this extension's CUDA code was compiled for (nvcc's own list).
+// Reports the GPU architectures this extension's CUDA code was compiled for (nvcc's own list)
+// and whether cuBLASLt was found at build time (fastcnn/_extension.py decides).
 #include <string>
 
 #define FASTCNN_STR2(...) #__VA_ARGS__
@@ -11,6 +12,14 @@ std::string cuda_arch_list() {
   return FASTCNN_STR(__CUDA_ARCH_LIST__);
 #else
   return "unknown";
+#endif
+}
+
+bool with_cublaslt() {
+#ifdef FASTCNN_WITH_CUBLASLT
+  return true;
+#else
+  return false;
 #endif
 }
 

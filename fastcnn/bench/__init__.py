@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from fastcnn.bench.ops import OPS
 from fastcnn.bench.providers import PROVIDERS, build, channels_last, make_model
 from fastcnn.bench.results import environment, machine, time_ms, write_results
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlenet"]
-OPS = ["add_relu", "conv_bn_act"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest relative error (to the logits' scale) at which a provider still "matches eager".
 MATCH_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
@@ -44,7 +44,9 @@ DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastcnn-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help=f"comma list of {', '.join(MODELS)}, or all")
-    parser.add_argument("--op", choices=OPS, help="benchmark one op instead of whole models")
+    parser.add_argument(
+        "--op", help=f"comma list of {', '.join(OPS)}, or all: single ops instead of models"
+    )
     parser.add_argument("--batch", help="comma list of batch sizes")
     parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--device", choices=["cpu", "cuda"])
@@ -66,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.models:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)} or all")
+    args.ops = [] if args.op is None else OPS if args.op == "all" else args.op.split(",")
+    for name in args.ops:
+        if name not in OPS:
+            parser.error(f"unknown op {name!r}; choose from {', '.join(OPS)} or all")
     args.provider_list = args.providers.split(",")
     for name in args.provider_list:
         if name not in PROVIDERS:
@@ -135,10 +141,11 @@ def _timer(fn, x, args):
 
 def _workloads(args, dtype):
     """(name, {provider: callable}, make_input(batch), images per call) per model or op."""
-    if args.op:
+    if args.ops:
         from fastcnn.bench.ops import op_workload
 
-        yield op_workload(args.op, args.provider_list, dtype, args.device)
+        for op in args.ops:
+            yield op_workload(op, args.provider_list, dtype, args.device)
         return
     for name in args.models:
         model = make_model(name, dtype, args.device)
@@ -162,7 +169,7 @@ def _workloads(args, dtype):
 def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
-    names = [args.op] if args.op else args.models
+    names = args.ops or args.models
     progress = Progress(len(names) * len(args.batches) * len(args.provider_list))
     with torch.inference_mode():
         for name, built, make_input in _workloads(args, dtype):

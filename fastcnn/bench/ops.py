@@ -1,86 +1,98 @@
-"""Single-op workloads for fastcnn-bench --op: a ResNet-50-sized call of each fused op against
-its eager PyTorch sequence."""
+"""Single-op workloads for fastcnn-bench --op: each fused op at a real network size against the
+eager PyTorch it replaces.
+
+conv_bn_act and inception are small eval-mode modules (a Conv2d -> BatchNorm2d -> ReLU of
+ResNet-50's layer1; GoogLeNet's Inception 4a block) built by the same providers as the models,
+so eager, eager-cl, fastcnn-*, compile and jit all apply. add_relu takes two inputs and is no
+module: its providers are eager relu(x + r) and fastcnn.ops.add_relu on each backend.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import torch
-import torch.nn.functional as F
 
 import fastcnn
+from fastcnn.bench import providers as model_providers
 
-# (channels, height, width) of the activation each op is timed on: ResNet-50's layer1.
-_SHAPES = {"add_relu": (256, 56, 56), "conv_bn_act": (64, 56, 56)}
-
-
-def _eager(op: str, params):
-    if op == "add_relu":
-        return lambda x: torch.relu(x + params["residual"](x))
-    w, mean, var, gamma, beta = params["conv"]
-    return lambda x: F.relu(
-        F.batch_norm(F.conv2d(x, w, None, 1, 1), mean, var, gamma, beta, False, 0.0, 1e-5)
-    )
+OPS = ["add_relu", "conv_bn_act", "inception"]
+# (channels, height, width) of each op's input.
+_SHAPES = {"add_relu": (256, 56, 56), "conv_bn_act": (64, 56, 56), "inception": (480, 14, 14)}
 
 
-def _fused(op: str, params, backend: str | None):
-    def run(x):
-        with fastcnn.use_backend(backend or "auto"):
-            if op == "add_relu":
-                return fastcnn.ops.add_relu(x, params["residual"](x))
-            return fastcnn.ops.conv_bn_act(x, params["weight"], params["bias"], 1, 1)
+def _module(op: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if op == "conv_bn_act":
+        channels = _SHAPES[op][0]
+        module = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(channels),
+            torch.nn.ReLU(),
+        )
+    else:
+        from torchvision.models.googlenet import Inception
 
-    return run
+        module = Inception(480, 192, 96, 208, 16, 48, 64)  # GoogLeNet's inception4a
+    return model_providers.randomize_batchnorm(module).eval()
 
 
-def op_workload(op: str, providers: list[str], dtype: torch.dtype, device: str):
+def _add_relu_providers(provider_list, residual_for) -> dict:
+    def eager(x):
+        return torch.relu(x + residual_for(x))
+
+    def fused(backend):
+        def run(x):
+            with fastcnn.use_backend(backend):
+                return fastcnn.ops.add_relu(x, residual_for(x))
+
+        return run
+
+    built = {}
+    for provider in provider_list:
+        if provider in ("eager", "eager-cl"):
+            built[provider] = eager
+        elif provider.startswith("fastcnn"):
+            built[provider] = fused(provider.partition("-")[2] or "auto")
+        elif provider.startswith("compile"):
+            built[provider] = torch.compile(eager)
+        else:
+            built[provider] = ValueError(f"{provider} has no form for add_relu")
+    return built
+
+
+def op_workload(op: str, provider_list: list[str], dtype: torch.dtype, device: str):
+    """(op, {provider: a callable, or the exception that prevented one}, make_input(batch,
+    provider))."""
     channels, h, w = _SHAPES[op]
     g = torch.Generator().manual_seed(0)
-    params: dict = {}
 
     @functools.cache
-    def residual_for(shape):
-        return (
-            torch.randn(shape, generator=g)
-            .to(device, dtype)
-            .contiguous(memory_format=torch.channels_last)
-        )
-
-    params["residual"] = lambda x: residual_for(tuple(x.shape))
-    if op == "conv_bn_act":
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        bn = torch.nn.BatchNorm2d(channels).eval()
-        with torch.no_grad():
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-        conv, bn = conv.to(device, dtype), bn.to(device, dtype)
-        weight, bias = fastcnn.fold_bn(conv, bn)
-        params["weight"] = weight.contiguous(memory_format=torch.channels_last)
-        params["bias"] = bias
-        params["conv"] = (
-            conv.weight.detach(),
-            bn.running_mean,
-            bn.running_var,
-            bn.weight.detach(),
-            bn.bias.detach(),
-        )
-    built = {}
-    for provider in providers:
-        if provider in ("eager", "eager-cl"):
-            built[provider] = _eager(op, params)
-        elif provider.startswith("fastcnn"):
-            built[provider] = _fused(op, params, provider.partition("-")[2] or None)
-        elif provider.startswith("compile"):
-            built[provider] = torch.compile(_eager(op, params))
-        else:
-            built[provider] = ValueError(f"{provider} has no single-op form")
-
-    @functools.cache
-    def input_for(batch):  # the same input for every provider
+    def input_for(batch):  # the same input for every provider (copied to NCHW for "eager")
         x = torch.randn(batch, channels, h, w, generator=g).to(device, dtype)
         return x.contiguous(memory_format=torch.channels_last)
 
     def make_input(batch, provider):
-        return input_for(batch)
+        x = input_for(batch)
+        return x if model_providers.channels_last(provider) else x.contiguous()
 
+    if op == "add_relu":
+
+        @functools.cache
+        def residual(shape):
+            r = torch.randn(shape, generator=g).to(device, dtype)
+            return r.contiguous(memory_format=torch.channels_last)
+
+        def residual_for(x):
+            return residual(tuple(x.shape))
+
+        return op, _add_relu_providers(provider_list, residual_for), make_input
+    module = _module(op).to(device, dtype)
+    example = make_input(1, "eager-cl")
+    built = {}
+    for provider in provider_list:
+        try:
+            built[provider] = model_providers.build(provider, module, example)
+        except Exception as exc:  # e.g. a backend that cannot run here: report, go on
+            built[provider] = exc
     return op, built, make_input

@@ -40,13 +40,18 @@ def make_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = getattr(torchvision.models, name)(weights=None, **extra)
-    g = torch.Generator().manual_seed(1)
+    return randomize_batchnorm(model).eval().to(device, dtype)
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """model with random BatchNorm running statistics (in place), so folding them matters."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval().to(device, dtype)
+    return model
 
 
 def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Callable:

@@ -13,7 +13,7 @@ import torch
 
 from fastcnn import _backend, reference
 from fastcnn.ops import _checks
-from fastcnn.ops._dispatch import triton_kernel
+from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 
 _OP = "conv_bn_act"
@@ -26,12 +26,21 @@ def _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, o
 
 
 _triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
+_extension_cuda = extension_kernel("conv_bn_act_out")
 
 
 def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
     if out is None:
         out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu)
+    return out
+
+
+def _cuda_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    """The extension: cuBLASLt (1x1, epilogue fused) or cuDNN + one epilogue pass."""
+    if out is None:
+        out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
+    _extension_cuda(x, weight, bias, stride, padding, residual, relu, out)
     return out
 
 
@@ -49,7 +58,7 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
     return as_result(x, y, out)
 
 
-_IMPLS = {"triton": _triton_impl, "cpu": _cpu_impl, "eager": _eager}
+_IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
 
 
 def _pair(name: str, value, minimum: int) -> Pair:
@@ -182,7 +191,9 @@ def conv_bn_act(
     of a larger channels_last tensor (only those channels are written); it must not overlap the
     inputs. groups > 1 and dilation != 1 run the eager reference (with a one-time note).
 
-    Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cpu" (one oneDNN primitive with
+    Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cuda" (the extension: 1x1
+    stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs
+    through cuDNN plus one epilogue pass), "cpu" (one oneDNN primitive with
     bias/residual/ReLU post-ops and prepacked weights; fp32, and bf16/fp16 where the CPU has
     them, else the reference), "eager". NaN propagates as in torch everywhere except through
     the "cpu" backend's fused ReLU, which (as oneDNN and Inductor's CPU path do) maps NaN to 0.

@@ -17,12 +17,13 @@ import torch
 
 from fastcnn import _backend, reference
 from fastcnn.ops import _checks
-from fastcnn.ops._dispatch import triton_kernel
+from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 from fastcnn.ops.conv_bn_act import as_result, new_output
 
 _OP = "inception"
 _conv = triton_kernel("conv_bn_act", "conv_bn_act_out")
+_extension_cuda = extension_kernel("inception_out")
 
 
 def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
@@ -43,6 +44,14 @@ def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
         k = weight.shape[-1] // 2
         _conv(src, weight, bias, None, slices[1 + i], same, (k, k), True)
     _conv(x, w4, b4, None, slices[3], same, none, True, pool=pool)
+    return out
+
+
+def _cuda_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    """The extension (csrc/cuda/inception.cu): cuBLASLt/cuDNN convs into the output's slices."""
+    if out is None:
+        out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
+    _extension_cuda(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
     return out
 
 
@@ -79,7 +88,7 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     return torch.cat(branches, 1, out=out)
 
 
-_IMPLS = {"triton": _triton_impl, "cpu": _cpu_impl, "eager": _eager}
+_IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
 
 
 def _check_conv(name: str, weight, bias_name: str, bias, x, c_in: int, square_odd: bool) -> None:

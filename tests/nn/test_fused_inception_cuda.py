@@ -22,7 +22,7 @@ def _block(config):
     return randomize_batchnorm(Inception(*config), seed=1).eval().cuda()
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "eager"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("name", list(INCEPTION_CONFIGS))
 def test_full_size_matches_torchvision(name, dtype, backend):
@@ -40,17 +40,28 @@ def test_full_size_matches_torchvision(name, dtype, backend):
     torch.testing.assert_close(got.double(), expected, rtol=4 * rtol, atol=4 * atol)
 
 
-def test_profile_has_no_cat_copy_or_pool():
+def _profiled_op_names(backend: str) -> set[str]:
     config, size = INCEPTION_CONFIGS["4a"]
     fused = fastcnn.nn.FusedInception.from_module(_block(config).half())
     x = torch.randn(8, config[0], size, size, device="cuda").half()
     x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), fastcnn.use_backend("triton"):
+    with torch.no_grad(), fastcnn.use_backend(backend):
         fused(x)  # compile and tune first
         torch.cuda.synchronize()
         with torch.profiler.profile() as prof:
             fused(x)
             torch.cuda.synchronize()
-    names = {e.name for e in prof.events()}
+    return {e.name for e in prof.events()}
+
+
+def test_profile_has_no_cat_copy_or_pool():
+    names = _profiled_op_names("triton")
     for op in ("aten::cat", "aten::copy_", "aten::max_pool2d"):
         assert op not in names, f"{op} in the fused Inception forward"
+
+
+def test_cuda_backend_profile_has_no_cat_or_copy():
+    """The extension's block writes every branch into its slice (its max-pool is a real op)."""
+    names = _profiled_op_names("cuda")
+    for op in ("aten::cat", "aten::copy_"):
+        assert op not in names, f"{op} in the extension's Inception forward"

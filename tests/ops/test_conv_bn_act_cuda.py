@@ -57,17 +57,41 @@ def _run_case(case, dtype, backend, *, residual=True, out_slice=False, batch=2):
         assert torch.isnan(big[:, :8]).all() and torch.isnan(big[:, 8 + cout :]).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "eager"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_full_size_matches_reference(case, dtype, backend):
     _run_case(case, dtype, backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_full_size_out_slice(case, dtype):
-    _run_case(case, dtype, "triton", out_slice=True)
+def test_full_size_out_slice(case, dtype, backend):
+    _run_case(case, dtype, backend, out_slice=True)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_cuda_backend_nchw_input_and_no_bias(dtype, residual):
+    """The extension's conv with an NCHW x (converted inside) and no bias, 1x1 and 3x3."""
+    for kernel, padding in ((1, 0), (3, 1)):
+        x, weight, _ = random_conv_inputs(19, 24, kernel, 9, 11, dtype, "cuda", batch=3)
+        x = x.contiguous()
+        res = random_tensor((3, 24, 9, 11), dtype, "cuda", seed=3) if residual else None
+        with fastcnn.use_backend("cuda"):
+            got = fastcnn.ops.conv_bn_act(x, weight, None, 1, padding, residual=res)
+        expected = reference.conv_bn_act(
+            x.double(),
+            weight.double(),
+            None,
+            1,
+            padding,
+            residual=None if res is None else res.double(),
+        )
+        assert got.is_contiguous()  # the result follows x's memory format
+        assert not torch.isnan(got).any()
+        assert_matches(got, expected, dtype)
 
 
 def test_fp32_follows_cudnn_allow_tf32(monkeypatch):
