@@ -111,3 +111,23 @@ def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
     assert message in capsys.readouterr().err
+
+
+def test_cpu_preset_fills_what_is_not_given():
+    args = bench.parse_args(["--preset", "cpu", "--batch", "2"])
+    assert args.device == "cpu" and args.threads == 2 and args.dtype == "float32"
+    assert args.models == ["resnet50", "googlenet"]
+    assert args.provider_list == ["eager-cl", "jit", "compile", "fastcnn-cpu"]
+    assert args.batches == [2]  # the explicit argument wins
+
+
+def test_fastcnn_rows_compare_with_the_best_peer():
+    group = [
+        {"provider": "eager-cl", "ms": 4.0},
+        {"provider": "jit", "ms": 2.0},
+        {"provider": "compile", "status": "failed"},
+        {"provider": "fastcnn-cpu", "ms": 2.5},
+    ]
+    bench._compare_with_best_peer(group)
+    assert group[3]["vs_best_peer"] == pytest.approx(0.8)
+    assert all("vs_best_peer" not in r for r in group[:3])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,19 @@ MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlen
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest relative error (to the logits' scale) at which a provider still "matches eager".
 MATCH_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+# --preset cpu: issue 6's CPU comparison, fastcnn against every CPU peer in one run (eager
+# channels_last, jit freeze + optimize_for_inference, Inductor with freezing) at batch 8, 2 threads.
+PRESETS = {
+    "cpu": dict(
+        device="cpu",
+        model="resnet50,googlenet",
+        batch="8",
+        dtype="float32",
+        iters=10,
+        threads=2,
+        providers="eager-cl,jit,compile,fastcnn-cpu",
+    ),
+}
 DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
     "cpu": dict(
         model="resnet18,googlenet",
@@ -53,9 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--providers", help=f"comma list of {', '.join(PROVIDERS)}")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--iters", type=int, help="timed calls per measurement (median)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), help="cpu: fastcnn vs every CPU peer, resnet50+googlenet"
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
     parser.add_argument("--out", type=Path, help="result folder (default fastcnn-bench/<time>)")
     args = parser.parse_args(argv)
+    for key, value in PRESETS.get(args.preset, {}).items():
+        if getattr(args, key) is None:  # an explicit argument still wins
+            setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible to torch")
@@ -139,8 +160,9 @@ def _timer(fn, x, args):
     return graph.replay
 
 
-def _workloads(args, dtype):
-    """(name, {provider: callable}, make_input(batch), images per call) per model or op."""
+def _workloads(args, dtype, build_s: dict):
+    """(name, {provider: callable}, make_input(batch, provider)) per model or op; the seconds
+    each model's providers took to build go into build_s[(name, provider)]."""
     if args.ops:
         from fastcnn.bench.ops import op_workload
 
@@ -152,10 +174,12 @@ def _workloads(args, dtype):
         example = torch.randn(1, 3, args.size, args.size, device=args.device, dtype=dtype)
         built = {}
         for provider in args.provider_list:
+            start = time.perf_counter()
             try:
                 built[provider] = build(provider, model, example)
             except Exception as exc:  # e.g. a backend that cannot run here: report, go on
                 built[provider] = exc
+            build_s[(name, provider)] = time.perf_counter() - start
 
         def make_input(batch, provider, name=name):
             g = torch.Generator(device=args.device).manual_seed(batch)
@@ -166,13 +190,23 @@ def _workloads(args, dtype):
         yield name, built, make_input
 
 
+def _compare_with_best_peer(group: list[dict]) -> None:
+    """vs_best_peer on each fastcnn row of one (workload, batch): the fastest other provider's
+    ms over its ms (above 1: fastcnn beats every peer measured in the run)."""
+    peers = [r["ms"] for r in group if "ms" in r and not r["provider"].startswith("fastcnn")]
+    for r in group:
+        if peers and "ms" in r and r["provider"].startswith("fastcnn"):
+            r["vs_best_peer"] = min(peers) / r["ms"]
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
     names = args.ops or args.models
+    build_s: dict = {}
     progress = Progress(len(names) * len(args.batches) * len(args.provider_list))
     with torch.inference_mode():
-        for name, built, make_input in _workloads(args, dtype):
+        for name, built, make_input in _workloads(args, dtype, build_s):
             for batch in args.batches:
                 expected = None
                 base_ms = None
@@ -190,11 +224,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                         row["status"] = f"unavailable: {fn}"
                         continue
                     x = make_input(batch, provider)
+                    start = time.perf_counter()
                     try:
-                        y = fn(x).float()
+                        y = fn(x).float()  # the first call compiles, tunes or packs weights
                     except Exception as exc:
                         row["status"] = f"failed: {type(exc).__name__}: {exc}"
                         continue
+                    # building + the first call at this batch: what a user waits for once
+                    row["setup_s"] = time.perf_counter() - start + build_s.pop((name, provider), 0)
                     if expected is None:
                         expected = y  # the first provider is the reference (eager by default)
                     scale = max(1.0, expected.abs().max().item())
@@ -205,12 +242,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                     ms = time_ms(_timer(fn, x, args), args.iters, warmup=3)
                     base_ms = base_ms or ms
                     row.update(status="ok", ms=ms, img_per_s=batch / ms * 1e3, speedup=base_ms / ms)
+                _compare_with_best_peer(rows[-len(built) :])
     progress.close()
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     env = environment()
     env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -108,6 +108,8 @@ COLUMNS = {
         ("img/s", "{img_per_s:.1f}"),
         ("latency ms", "{ms:.3f}"),
         ("speedup", "{speedup:.2f}x"),
+        ("vs best peer", "{vs_best_peer:.2f}x"),
+        ("setup s", "{setup_s:.1f}"),
         ("rel. error", "{max_rel_error:.1e}"),
         ("status", "{status}"),
     ],
