@@ -19,6 +19,11 @@ TORCH_LIBRARY(fastcnn_ext, m) {
   m.def(
       "conv_bn_act_out(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "Tensor? residual, bool relu, Tensor(a!) out) -> ()");
+  // max_pool2d of a channels_last x into out (channels_last, or a channel slice of one), no
+  // indices; out's shape carries ceil_mode. CPU only (inference: nothing needs the indices).
+  m.def(
+      "max_pool2d_out(Tensor x, int[2] kernel, int[2] stride, int[2] padding, Tensor(a!) out) "
+      "-> ()");
   // The eval-mode Inception block of fastcnn.ops.inception, written into out. CUDA only.
   m.def(
       "inception_out(Tensor x, Tensor reduce_weight, Tensor reduce_bias, int[3] widths, "

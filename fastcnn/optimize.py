@@ -25,6 +25,7 @@ from fastcnn import _backend
 from fastcnn.nn.add_relu import AddReLU
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fused_inception import FusedInception, pool_size
+from fastcnn.nn.max_pool import MaxPool2d
 from fastcnn.report import Report
 
 # Relative error (to the output's scale) above which verify=True reverts a fused layer.
@@ -267,6 +268,8 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
         report.add(_module_path_of(relu), "add -> ReLU", "fused", "one pass over memory", "AddReLU")
 
     _fuse_inceptions(gm, report, backend, captured, origin, tolerance)
+    _overwrite_dead_residuals(gm, report)
+    _swap_max_pools(gm, report)
     _report_left_over(gm, report)
     graph.lint()
     gm.recompile()
@@ -279,6 +282,51 @@ def _fx_optimize(gm: fx.GraphModule, report: Report, backend, verify, example) -
             f"{str(example.dtype).removeprefix('torch.')} input (per-layer tolerance "
             f"{tolerance:.0e})"
         )
+
+
+# Modules whose output is a tensor of their own (never their input or a view of it), so that a
+# later op may overwrite it once nothing else reads it.
+_FRESH_OUTPUT = (ConvBNAct, AddReLU, FusedInception, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+
+
+def _overwrite_dead_residuals(gm: fx.GraphModule, report: Report) -> None:
+    """Let a fused conv write its result into its residual where the graph proves the residual
+    dead after it: produced inside the model by a module with a fresh output (never the model's
+    input, a parameter, a view or an in-place ReLU's input), not the conv's own input, read by
+    nothing after this conv and not returned. ResNet's shortcut is such a tensor; Inductor
+    reuses it the same way."""
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    overwriting = []
+    for node in gm.graph.nodes:
+        residual = node.kwargs.get("residual") if node.op == "call_module" else None
+        fused = modules.get(node.target) if residual is not None else None
+        if not isinstance(fused, ConvBNAct) or not isinstance(residual, fx.Node):
+            continue
+        fresh = residual.op == "call_module" and isinstance(
+            modules.get(residual.target), _FRESH_OUTPUT
+        )
+        read_later = any(order[user] > order[node] for user in residual.users if user is not node)
+        if fresh and not read_later and residual not in node.args:  # never the conv's own input
+            fused.overwrite_residual = True
+            overwriting.append(node.target)
+    if overwriting:
+        report.notes.append(
+            f"{len(overwriting)} fused convs write their result into their residual, which "
+            f"nothing reads afterwards (one allocation fewer each): {', '.join(overwriting)}"
+        )
+
+
+def _swap_max_pools(gm: fx.GraphModule, report: Report) -> None:
+    """nn.MaxPool2d -> fastcnn.nn.MaxPool2d (the same layer; on channels_last CPU tensors it
+    skips computing the indices)."""
+    modules = dict(gm.named_modules())
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in sorted(called):
+        m = modules[path]
+        if type(m) is nn.MaxPool2d and MaxPool2d.unsupported_reason(m) is None:
+            gm.set_submodule(path, MaxPool2d.from_module(m))
+            report.add(path, "MaxPool2d", "replaced", "CPU channels_last: no indices", "MaxPool2d")
 
 
 def _fused_conv(node, modules, kernel: int | None = None) -> ConvBNAct | None:

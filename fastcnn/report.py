@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import nn
 
-ACTIONS = ("fused", "kept", "reverted", "dropped")
+ACTIONS = ("fused", "replaced", "kept", "reverted", "dropped")
 
 
 @dataclasses.dataclass

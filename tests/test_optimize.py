@@ -71,7 +71,8 @@ def test_result_is_in_eval_mode_and_reports_what_it_did():
     residual = [e for e in report.fused if "add" in e.original]
     assert len(residual) == 8 and all(e.replacement == "ConvBNAct" for e in residual)
     text = str(report)
-    assert "layer1.0.conv2" in text and "totals: 20 fused, 3 kept" in text
+    assert "layer1.0.conv2" in text and "totals: 20 fused, 1 replaced, 2 kept" in text
+    assert [e.path for e in report.by_action("replaced")] == ["maxpool"]  # fastcnn.nn.MaxPool2d
 
 
 def test_googlenet_aux_heads_are_dropped_and_reported():
@@ -258,3 +259,47 @@ def test_optimized_googlenet_exports_with_the_inception_op():
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     assert "fastcnn.inception.default" in targets
     assert "aten.cat.default" not in targets
+
+
+class ShortcutUses(nn.Module):
+    """Four residual blocks whose shortcut is: the model's input; a tensor read again after the
+    add; the conv's own input; a dead internal tensor. Only the last may be overwritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(4))
+        self.pool = nn.MaxPool2d(3, 1, 1)
+
+    def block(self, i, x, shortcut):
+        return torch.relu(self.bns[i](self.convs[i](x)) + shortcut)
+
+    def forward(self, x):
+        a = self.block(0, x, x)  # shortcut: the model's input
+        p = self.pool(a)
+        b = self.block(1, p, p) + p  # p read after the add (and the conv's own input)
+        q = self.pool(b)
+        c = self.block(2, q, q)  # the conv's own input
+        r = self.pool(c)
+        return self.block(3, self.pool(r), r)  # r dead after the add: overwritten
+
+
+@pytest.mark.parametrize("backend", ["cpu", "eager", "triton"])
+def test_dead_residuals_are_overwritten_and_nothing_else(backend):
+    model = randomize_batchnorm(ShortcutUses(), seed=2).eval()
+    fast = fastcnn.optimize(model, backend=backend)
+    flags = [m.overwrite_residual for m in fast.modules() if isinstance(m, ConvBNAct)]
+    assert flags == [False, False, False, True]
+    x = torch.randn(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        expected, got = model(x), fast(x)
+    assert torch.equal(x, kept)  # the caller's tensor is never written
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert "1 fused convs write their result into their residual" in str(fastcnn.report(fast))
+
+
+def test_resnet_shortcuts_are_overwritten_in_place():
+    fast = fastcnn.optimize(_torchvision("resnet18"), backend="cpu")
+    flagged = [m for m in fast.modules() if isinstance(m, ConvBNAct) and m.overwrite_residual]
+    assert len(flagged) == 8  # every block's conv2 (its shortcut dies at the add)

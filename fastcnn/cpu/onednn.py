@@ -64,17 +64,28 @@ def conv_bn_act(
     padding,
     residual: torch.Tensor | None,
     relu: bool,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """relu(conv2d(x, weight, bias) + residual) as one oneDNN primitive; returns a new tensor
-    (channels_last for a channels_last x). groups=1, dilation=1, a dtype `supports` accepts."""
+    (channels_last for a channels_last x), or with in_place=True the residual itself, overwritten
+    with the result (as Inductor's CPU path does for ResNet's shortcut: no new allocation, whose
+    page faults cost as much as a small conv). groups=1, dilation=1, a dtype `supports` accepts."""
     w = prepacked(weight, padding, stride, x.shape)
     pad, st, dil = list(padding), list(stride), [1, 1]
     if residual is None:
         return _mkldnn._convolution_pointwise(
             x, w, bias, pad, st, dil, 1, "relu" if relu else "none", [], ""
         )
-    if residual.stride() != x.stride() and x.is_contiguous(memory_format=torch.channels_last):
-        residual = residual.contiguous(memory_format=torch.channels_last)
+    # oneDNN writes the result in x's layout; a residual in another layout is converted once
+    # (comparing with the layout, not x's strides: the residual has the output's shape).
+    cl = torch.channels_last
+    if x.is_contiguous(memory_format=cl) and not residual.is_contiguous(memory_format=cl):
+        residual = residual.contiguous(memory_format=cl)
+        in_place = False  # the converted copy is a new tensor already
+    if in_place:  # the binary add's operand is also its destination: no new output tensor
+        return _mkldnn._convolution_pointwise_.binary(
+            residual, x, w, bias, pad, st, dil, 1, "add", None, "relu" if relu else None, [], ""
+        )
     return _mkldnn._convolution_pointwise.binary(
         x, residual, w, bias, pad, st, dil, 1, "add", None, "relu" if relu else "none", [], ""
     )

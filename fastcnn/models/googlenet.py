@@ -19,6 +19,7 @@ from torch import nn
 from fastcnn import ops
 from fastcnn.nn.folded import FoldedConvBN, conv_bn_act_forward, runs_fused
 from fastcnn.nn.fused_inception import pool_size
+from fastcnn.nn.max_pool import MaxPool2d
 
 __all__ = [
     "BasicConv2d",
@@ -90,7 +91,7 @@ class Inception(nn.Module):
             conv_block(ch5x5red, ch5x5, kernel_size=branch3_kernel, padding=branch3_kernel // 2),
         )
         self.branch4 = nn.Sequential(
-            nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True),
+            MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=True),
             conv_block(in_channels, pool_proj, kernel_size=1),
         )
         self._merged: tuple | None = None  # (the folds it came from, merged weight, merged bias)
@@ -166,19 +167,19 @@ class GoogLeNet(nn.Module):
             return Inception(*INCEPTION_CONFIGS[name][0], branch3_kernel=branch3_kernel)
 
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
-        self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.maxpool1 = MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
         self.conv3 = BasicConv2d(64, 192, kernel_size=3, padding=1)
-        self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.maxpool2 = MaxPool2d(3, stride=2, ceil_mode=True)
         self.inception3a = inception("3a")
         self.inception3b = inception("3b")
-        self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.maxpool3 = MaxPool2d(3, stride=2, ceil_mode=True)
         self.inception4a = inception("4a")
         self.inception4b = inception("4b")
         self.inception4c = inception("4c")
         self.inception4d = inception("4d")
         self.inception4e = inception("4e")
-        self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        self.maxpool4 = MaxPool2d(2, stride=2, ceil_mode=True)
         self.inception5a = inception("5a")
         self.inception5b = inception("5b")
         if aux_logits:

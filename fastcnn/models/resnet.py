@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcnn.nn.folded import ConvBN, FoldedConvBN, conv_bn_act_forward
+from fastcnn.nn.max_pool import MaxPool2d
 
 __all__ = [
     "BasicBlock",
@@ -139,7 +140,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = self._norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)  # kept for torchvision parity; forward fuses it
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)  # torch's, no indices on CPU
         # Each stage halves the resolution (stride 2) and doubles the channels.
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], 2, replace_stride_with_dilation[0])

@@ -4,5 +4,6 @@ from fastcnn.nn.add_relu import AddReLU
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.nn.fused_inception import FusedInception
+from fastcnn.nn.max_pool import MaxPool2d
 
-__all__ = ["AddReLU", "ConvBNAct", "FusedInception", "fold_bn"]
+__all__ = ["AddReLU", "ConvBNAct", "FusedInception", "MaxPool2d", "fold_bn"]

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastcnn import _backend, ops
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.ops._dispatch import can_skip_dispatcher
 
 
 class ConvBNAct(nn.Module):
@@ -18,6 +19,10 @@ class ConvBNAct(nn.Module):
     fastcnn.ops.conv_bn_act; it is an inference module (build one from trained modules with
     from_modules, or load folded weights). ``backend`` pins the backend it runs on (None: the
     one in force, see fastcnn.set_backend).
+
+    ``overwrite_residual`` (default False): write the result into the residual tensor instead of
+    a new one, where nothing reads the residual afterwards. fastcnn.optimize sets it where the
+    graph proves that (ResNet's shortcut), as Inductor does; it saves an allocation per block.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class ConvBNAct(nn.Module):
     ):
         super().__init__()
         self.backend = backend
+        self.overwrite_residual = False
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -113,6 +119,9 @@ class ConvBNAct(nn.Module):
         return self._run(x, residual, out)
 
     def _run(self, x, residual, out) -> torch.Tensor:
+        if self.overwrite_residual and out is None and can_skip_dispatcher(x, residual):
+            # Only outside tracing/compiling: there the op must stay functional.
+            out = residual
         return ops.conv_bn_act(
             x,
             self.weight,
@@ -130,4 +139,5 @@ class ConvBNAct(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, groups={self.groups}, relu={self.relu}"
+            + (", overwrite_residual=True" if self.overwrite_residual else "")
         )

@@ -107,6 +107,11 @@ def check_no_overlap(op: str, out: torch.Tensor, **inputs: torch.Tensor | None) 
             raise ValueError(f"fastcnn.ops.{op}: out overlaps {name}; pass a separate tensor")
 
 
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b are the same elements of the same memory, laid out alike."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
+
+
 def check_no_partial_overlap(op: str, out: torch.Tensor, **inputs: torch.Tensor) -> None:
     """out may be an input itself (in place, same view) or disjoint from it, nothing in between.
 
@@ -114,8 +119,7 @@ def check_no_partial_overlap(op: str, out: torch.Tensor, **inputs: torch.Tensor)
     it has already overwritten. Needs real tensors (data pointers): not called while tracing.
     """
     for name, t in inputs.items():
-        same_view = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
-        if not same_view and _shares_memory(out, t):
+        if not same_view(t, out) and _shares_memory(out, t):
             raise ValueError(
                 f"fastcnn.ops.{op}: out partially overlaps {name}; pass the same view for an "
                 f"in-place call, or a separate tensor"

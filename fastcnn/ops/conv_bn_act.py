@@ -54,8 +54,9 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
             "they run the eager reference",
         )
         return _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
-    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu)
-    return as_result(x, y, out)
+    in_place = out is not None and out is residual
+    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place)
+    return y if y is out else as_result(x, y, out)
 
 
 _IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
@@ -140,7 +141,11 @@ def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu
 
 def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
     if out is not None:  # a caller's out= must not share memory with what the kernel reads
-        _checks.check_no_overlap(_OP, out, x=x, weight=weight, bias=bias, residual=residual)
+        _checks.check_no_overlap(_OP, out, x=x, weight=weight, bias=bias)
+        if residual is not None:  # except the residual, read and written element by element
+            _checks.check_no_partial_overlap(_OP, out, residual=residual)
+            if _checks.same_view(out, residual):
+                residual = out  # one object, so that backends can tell an in-place call
     if groups != 1 or dilation != [1, 1]:
         _backend.note_once(
             (_OP, "groups/dilation"),
@@ -188,8 +193,10 @@ def conv_bn_act(
     weight: [Cout, Cin / groups, KH, KW] (any layout; fastcnn.nn.ConvBNAct keeps it
     channels_last). bias: [Cout] or None. residual: the output's shape, any layout, or None.
     out: a [N, Cout, Ho, Wo] view to write into instead of allocating, e.g. ``big[:, c0:c0+Cout]``
-    of a larger channels_last tensor (only those channels are written); it must not overlap the
-    inputs. groups > 1 and dilation != 1 run the eager reference (with a one-time note).
+    of a larger channels_last tensor (only those channels are written); it must not overlap x,
+    weight or bias. It may be the residual itself (in place: ResNet's shortcut dies at the add,
+    so its buffer can take the result; fastcnn.optimize does this where the graph shows it
+    safe). groups > 1 and dilation != 1 run the eager reference (with a one-time note).
 
     Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cuda" (the extension: 1x1
     stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs

@@ -64,6 +64,7 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     channel slices of its result, the pool branch, then one concat written into the output.
     oneDNN (through torch's ops) cannot write into a slice, hence the concat here."""
     from fastcnn.cpu import onednn
+    from fastcnn.cpu.pool import max_pool2d
 
     if not onednn.supports(x.dtype):
         _backend.note_once(
@@ -81,7 +82,9 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     ):
         k = weight.shape[-1] // 2
         branches.append(onednn.conv_bn_act(src, weight, bias, one, (k, k), None, True))
-    pooled = torch.nn.functional.max_pool2d(x, pool, 1, pool // 2, ceil_mode=True)
+    pooled = max_pool2d(x, pool, 1, pool // 2, True)  # no indices (None: not channels_last)
+    if pooled is None:
+        pooled = torch.nn.functional.max_pool2d(x, pool, 1, pool // 2, ceil_mode=True)
     branches.append(onednn.conv_bn_act(pooled, w4, b4, one, zero, None, True))
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)

@@ -51,10 +51,10 @@ def test_out_overlapping_the_input():
         call(x=buf[:, :13], out=buf[:, 13:37])
 
 
-def test_out_overlapping_the_residual():
-    res = torch.randn(2, 24, 7, 9)
-    with pytest.raises(ValueError, match="out overlaps residual"):
-        call(residual=res, out=res)
+def test_out_partially_overlapping_the_residual():
+    buf = torch.randn(2, 30, 7, 9).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="out partially overlaps residual"):
+        call(residual=buf[:, :24], out=buf[:, 6:30])
 
 
 def test_inputs_that_require_grad_are_refused_while_recording():

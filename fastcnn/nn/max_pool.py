@@ -1,0 +1,46 @@
+"""fastcnn.nn.MaxPool2d: nn.MaxPool2d whose inference on channels_last CPU tensors skips the
+indices aten computes (fastcnn/cpu/pool.py); everything else is nn.MaxPool2d's own forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcnn.cpu import pool
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """A drop-in nn.MaxPool2d (same arguments, no state). fastcnn.optimize swaps it in for square
+    nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it."""
+
+    @classmethod
+    def from_module(cls, m: nn.MaxPool2d) -> MaxPool2d:
+        return cls(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices, m.ceil_mode)
+
+    @staticmethod
+    def unsupported_reason(m: nn.MaxPool2d) -> str | None:
+        """Why the CPU kernel can never take m's input (None: it can, on channels_last CPU)."""
+        square = all(
+            isinstance(v, int) or (len(set(v)) == 1)
+            for v in (m.kernel_size, m.stride, m.padding, m.dilation)
+        )
+        if m.return_indices or not square or _first(m.dilation) != 1:
+            return "return_indices, dilation or a non-square window: kept as torch's"
+        return None
+
+    def forward(self, x: torch.Tensor):
+        if self.unsupported_reason(self) is None:
+            y = pool.max_pool2d(
+                x,
+                _first(self.kernel_size),
+                _first(self.stride if self.stride is not None else self.kernel_size),
+                _first(self.padding),
+                self.ceil_mode,
+            )
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
+def _first(v) -> int:
+    return v if isinstance(v, int) else v[0]
