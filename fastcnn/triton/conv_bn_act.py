@@ -217,6 +217,9 @@ def _gpu_kernel():
         _tuned_kernel = triton.autotune(
             configs=_GPU_CONFIGS,
             key=["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K", "POOL"],
+            # out may be the residual itself (in place): every timed config would add onto the
+            # previous one's result, so the residual is saved and restored around each
+            restore_value=["r_ptr"],
         )(_conv_bn_act_kernel)
     return _tuned_kernel
 

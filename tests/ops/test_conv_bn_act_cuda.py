@@ -109,3 +109,18 @@ def test_autotuned_kernel_matches_reference(monkeypatch, case):
     """gpu_check runs the suite with FASTCNN_TRITON_AUTOTUNE=0 for time; this covers tuning."""
     monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", "1")
     _run_case(case, torch.float16, "triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_in_place_over_the_residual_with_autotuning(backend, monkeypatch):
+    """out=residual on a GPU, autotuner on: its timed runs must not add onto each other."""
+    monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", "1")
+    x, weight, bias = random_conv_inputs(64, 256, 1, 28, 28, torch.float16, "cuda", batch=4)
+    res = random_tensor((4, 256, 28, 28), torch.float16, "cuda", channels_last=True, seed=9)
+    expected = reference.conv_bn_act(
+        x.double(), weight.double(), bias.double(), 1, 0, residual=res.double()
+    )
+    with fastcnn.use_backend(backend):
+        got = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 0, residual=res, out=res)
+    assert got.data_ptr() == res.data_ptr()
+    assert_matches(res, expected, torch.float16)
