@@ -18,7 +18,7 @@ import torch
 
 from fastcnn.bench.ops import OPS
 from fastcnn.bench.providers import PROVIDERS, build, channels_last, make_model
-from fastcnn.bench.results import environment, machine, time_ms, write_results
+from fastcnn.bench.results import environment, machine, time_interleaved, write_results
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlenet"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -190,6 +190,17 @@ def _workloads(args, dtype, build_s: dict):
         yield name, built, make_input
 
 
+def _time_group(timers: dict, iters: int, batch: int) -> None:
+    """Time every checked provider of one (workload, batch) together, round-robin, and fill in
+    their rows; speedups are against the first of them (eager by default)."""
+    times = time_interleaved({p: timer for p, (timer, _) in timers.items()}, iters, warmup=3)
+    base_ms = None
+    for provider, (_, row) in timers.items():
+        ms = times[provider]
+        base_ms = base_ms or ms
+        row.update(status="ok", ms=ms, img_per_s=batch / ms * 1e3, speedup=base_ms / ms)
+
+
 def _compare_with_best_peer(group: list[dict]) -> None:
     """vs_best_peer on each fastcnn row of one (workload, batch): the fastest other provider's
     ms over its ms (above 1: fastcnn beats every peer measured in the run)."""
@@ -209,7 +220,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, built, make_input in _workloads(args, dtype, build_s):
             for batch in args.batches:
                 expected = None
-                base_ms = None
+                timers: dict = {}  # provider -> (callable to time, its row)
                 for provider, fn in built.items():
                     progress.step(f"{name} b{batch} {provider}")
                     row = {
@@ -239,10 +250,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     if not row["max_rel_error"] <= MATCH_TOLERANCE[dtype]:
                         row["status"] = "output differs from the reference: not timed"
                         continue
-                    ms = time_ms(_timer(fn, x, args), args.iters, warmup=3)
-                    base_ms = base_ms or ms
-                    row.update(status="ok", ms=ms, img_per_s=batch / ms * 1e3, speedup=base_ms / ms)
-                _compare_with_best_peer(rows[-len(built) :])
+                    timers[provider] = (_timer(fn, x, args), row)
+                group = rows[-len(built) :]
+                _time_group(timers, args.iters, batch)
+                _compare_with_best_peer(group)
     progress.close()
     return rows
 
@@ -261,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         env,
         f"fastcnn-bench on {machine(env, args.device)}",
-        f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls"
+        f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls "
+        "(providers interleaved call by call)"
         f"{', CUDA graphs' if args.cuda_graphs else ''}; speedup vs {reference}",
     )
     from fastcnn.bench.plot import plot_throughput

@@ -29,24 +29,35 @@ def git_commit() -> str:
 
 def time_ms(fn, iters: int, warmup: int = 10) -> float:
     """Median milliseconds per call: CUDA events around each call on a GPU, else perf_counter."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if not torch.cuda.is_available():
-        for _ in range(iters):
-            start = time.perf_counter()
+    return time_interleaved({"fn": fn}, iters, warmup)["fn"]
+
+
+def time_interleaved(fns: dict, iters: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each fn, sampled round-robin (one call of each, then the
+    next round), so that a machine whose speed drifts during the run (a shared CPU, GPU clocks)
+    weighs on every provider alike instead of on whichever ran in the slow minute."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        for name, fn in fns.items():
+            samples[name].append(_call_ms(fn))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _call_ms(fn) -> float:
+    """One call's milliseconds: CUDA events around it on a GPU, else perf_counter."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def environment() -> dict[str, str]:
