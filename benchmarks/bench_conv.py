@@ -5,6 +5,7 @@ Each layer runs at --batch (256 by default), channels_last, --dtype (float16). P
   eager        conv2d -> batch_norm (eval) -> relu, plus -> add -> relu where ResNet adds the
                shortcut (the bottleneck's last 1x1): what torch runs without fastcnn
   fastcnn      fastcnn.ops.conv_bn_act with the folded weights (backend auto: triton)
+  fastcnn-cuda the same on the extension's backend (cuBLASLt for 1x1, cuDNN + epilogue), GPU only
   cublas       1x1 only: torch.matmul of the [M, Cin] x [Cin, Cout] GEMM, the bar for the GEMM
 The layer list comes from torchvision's models (built on the meta device, so nothing is
 downloaded); each fastcnn output is checked against eager before it is timed.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcnn
-from fastcnn.bench.results import environment, machine, time_ms, write_results
+from fastcnn.bench.results import environment, machine, time_interleaved, write_results
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -85,6 +86,8 @@ def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: st
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
     fused = fastcnn.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU())
+    # the extension's path (cuBLASLt / cuDNN + epilogue) beside Triton's, on a GPU
+    extension = fastcnn.nn.ConvBNAct.from_modules(conv, bn, nn.ReLU(), backend="cuda")
     ho = (h + 2 * pad - k) // stride + 1
     wo = (w + 2 * pad - k) // stride + 1
     res = None
@@ -101,39 +104,32 @@ def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: st
         return fused(x, residual=res)
 
     flops = 2 * batch * ho * wo * cout * cin * k * k
-    rows = []
+    providers = {"eager": eager, "fastcnn": fast}
+    if dev == "cuda":
+        providers["fastcnn-cuda"] = lambda: extension(x, residual=res)
+    if k == 1:  # the bar for a 1x1 conv: cuBLAS on the same GEMM, no epilogue
+        a = torch.randn(batch * ho * wo, cin, device=dev, generator=g).to(dtype)
+        b = conv_w.reshape(cout, cin).t()
+        providers["cublas"] = lambda: torch.matmul(a, b)
+    common = {
+        "layer": entry["layer"],
+        "shape": f"{cin}->{cout} k{k}s{stride} {h}x{w}",
+        "residual": res is not None,
+    }
     with torch.no_grad():
-        torch.testing.assert_close(fast(), eager(), rtol=2e-2, atol=2e-2)
-        base = time_ms(eager, iters)
-        common = {
-            "layer": entry["layer"],
-            "shape": f"{cin}->{cout} k{k}s{stride} {h}x{w}",
-            "residual": res is not None,
-        }
-        rows.append({**common, "provider": "eager", "ms": base, "TFLOP/s": flops / base / 1e9})
-        ms = time_ms(fast, iters)
-        rows.append(
-            {
-                **common,
-                "provider": "fastcnn",
-                "ms": ms,
-                "TFLOP/s": flops / ms / 1e9,
-                "speedup": base / ms,
-            }
-        )
-        if k == 1:
-            a = torch.randn(batch * ho * wo, cin, device=dev, generator=g).to(dtype)
-            b = conv_w.reshape(cout, cin).t()
-            mm = time_ms(lambda: torch.matmul(a, b), iters)
-            rows.append(
-                {
-                    **common,
-                    "provider": "cublas",
-                    "ms": mm,
-                    "TFLOP/s": flops / mm / 1e9,
-                    "fastcnn_vs_cublas": mm / ms,
-                }
-            )
+        expected = eager()
+        for name, fn in providers.items():
+            if name.startswith("fastcnn"):
+                torch.testing.assert_close(fn(), expected, rtol=2e-2, atol=2e-2)
+        times = time_interleaved(providers, iters)  # round-robin: drift weighs on all alike
+    rows = []
+    for name, ms in times.items():
+        row = {**common, "provider": name, "ms": ms, "TFLOP/s": flops / ms / 1e9}
+        if name.startswith("fastcnn"):
+            row["speedup"] = times["eager"] / ms
+        if name == "cublas":
+            row["fastcnn_vs_cublas"] = ms / times["fastcnn"]
+        rows.append(row)
     return rows
 
 
