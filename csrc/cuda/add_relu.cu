@@ -14,11 +14,10 @@
 #include <type_traits>
 
 #include "../common/elementwise.h"
+#include "launch.h"
 
 namespace fastcnn {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -71,15 +70,6 @@ __global__ void add_relu_strided_kernel(const T* __restrict__ x, const T* __rest
     }
     out[oo] = add_relu_one(x[xo], r[ro]);
   }
-}
-
-int grid_for(int64_t work) {
-  // Enough blocks to fill the GPU a few times over; the grid-stride loop covers the rest.
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sms} * 8)));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }

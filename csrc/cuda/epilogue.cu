@@ -12,12 +12,11 @@
 #include <cstdint>
 
 #include "conv_cuda.h"
+#include "launch.h"
 #include "nhwc_rows.h"
 
 namespace fastcnn {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void bias_residual_act_kernel(const T* __restrict__ y, int64_t ldy,
@@ -34,14 +33,6 @@ __global__ void bias_residual_act_kernel(const T* __restrict__ y, int64_t ldy,
     if (relu && v < 0.0f) v = 0.0f;  // NaN stays NaN, as in torch.relu
     out[row * ldo + col] = static_cast<T>(v);
   }
-}
-
-int grid_for(int64_t work) {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sms} * 8)));
 }
 
 // t itself when it has the rows form, else a channels_last copy (which has it).
