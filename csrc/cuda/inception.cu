@@ -1,10 +1,10 @@
 // The Inception block on CUDA, every branch written straight into its channel slice of out:
-// branch 1's 1x1 conv and the two reduce 1x1 convs are two cuBLASLt GEMMs over x (one into
-// out's first slice, one into a scratch holding both reduce results: cuBLASLt writes one matrix
-// with one row stride, and the slice and the scratch are not one), the two kxk convs read their
-// scratch slices and write their output slices, and branch 4 is a max-pool (stride 1, "same")
-// followed by a 1x1 GEMM into the last slice. The pooled tensor is written once here; the
-// Triton backend fuses the pool into the GEMM's loads instead.
+// branch 1's 1x1 conv is a cuBLASLt GEMM over x into out's first slice; each reduce 1x1 conv is
+// a GEMM over x into a dense scratch that its kxk conv (cuDNN, which reads dense NHWC only)
+// reads and writes into its slice; branch 4 is a max-pool (stride 1, "same") followed by a 1x1
+// GEMM into the last slice. x is read by three GEMMs instead of one, which costs less than
+// copying a shared scratch's channel slices into the dense inputs cuDNN needs. The pooled tensor
+// is written once here; the Triton backend fuses the pool into the GEMM's loads instead.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -38,18 +38,17 @@ void inception_out_cuda(const at::Tensor& x_in, const at::Tensor& reduce_weight,
   at::Tensor slice1 = out.narrow(1, 0, c1);
   conv_bn_act_into(x, reduce_weight.narrow(0, 0, c1), reduce_bias.narrow(0, 0, c1), one, zero, none,
                    true, slice1);
-  at::Tensor scratch =
-      at::empty({n, c2r + c3r, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  conv_bn_act_into(x, reduce_weight.narrow(0, c1, c2r + c3r), reduce_bias.narrow(0, c1, c2r + c3r),
-                   one, zero, none, true, scratch);
-
-  int64_t c0 = c1;
-  for (const auto& [src, weight, bias] : {std::tuple{scratch.narrow(1, 0, c2r), w2, b2},
-                                          std::tuple{scratch.narrow(1, c2r, c3r), w3, b3}}) {
+  int64_t c0 = c1, r0 = c1;  // next output channel, next reduce weight row
+  for (const auto& [reduced, weight, bias] : {std::tuple{c2r, w2, b2}, std::tuple{c3r, w3, b3}}) {
+    at::Tensor scratch =
+        at::empty({n, reduced, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    conv_bn_act_into(x, reduce_weight.narrow(0, r0, reduced), reduce_bias.narrow(0, r0, reduced),
+                     one, zero, none, true, scratch);
     const int64_t k = weight.size(2) / 2;
     at::Tensor slice = out.narrow(1, c0, weight.size(0));
-    conv_bn_act_into(src, weight, bias, one, std::vector<int64_t>{k, k}, none, true, slice);
+    conv_bn_act_into(scratch, weight, bias, one, std::vector<int64_t>{k, k}, none, true, slice);
     c0 += weight.size(0);
+    r0 += reduced;
   }
   const at::Tensor pooled = at::max_pool2d(x, {pool, pool}, {1, 1}, {pool / 2, pool / 2}, {1, 1},
                                            /*ceil_mode=*/true);
