@@ -8,7 +8,9 @@ FX cannot trace it):
   add(a, b) -> ReLU (no conv before it)       -> fastcnn.nn.AddReLU
   cat([1x1(x), kxk(1x1(x)), kxk(1x1(x)), 1x1(maxpool(x))], 1), each conv fused as above
                                               -> fastcnn.nn.FusedInception (GoogLeNet's block)
-Everything else is kept as it was, and fastcnn.report(model) says why.
+  nn.MaxPool2d                                -> fastcnn.nn.MaxPool2d (no indices on the CPU)
+A fused residual conv writes into its shortcut's buffer where the graph proves nothing reads
+the shortcut afterwards. Everything else is kept as it was, and fastcnn.report(model) says why.
 """
 
 from __future__ import annotations
