@@ -26,13 +26,13 @@ def _run(x, weight, bias):
 def test_weights_are_packed_once_and_repacked_when_they_change():
     x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
     _run(x, weight, bias)
-    packed = onednn._packed[id(weight)][1]
+    packed = onednn._packed[id(weight)][1][tuple(x.shape)]
     _run(x, weight, bias)
-    assert onednn._packed[id(weight)][1] is packed, "the second call must reuse the packing"
+    assert onednn._packed[id(weight)][1][tuple(x.shape)] is packed, "the second call must reuse it"
     with torch.no_grad():
         weight.mul_(-1)  # an in-place update (an optimizer step, load_state_dict, ...)
     out = _run(x, weight, bias)
-    assert onednn._packed[id(weight)][1] is not packed
+    assert onednn._packed[id(weight)][1][tuple(x.shape)] is not packed
     expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
     assert_matches(out, expected, torch.float32)
 
@@ -47,12 +47,18 @@ def test_packing_dies_with_its_weight():
     assert key not in onednn._packed
 
 
-def test_other_batch_sizes_reuse_the_packing():
-    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu", batch=1)
-    _run(x, weight, bias)
-    x5, _, _ = random_conv_inputs(13, 24, 3, 11, 5, torch.float32, "cpu", batch=5, seed=3)
-    expected = reference.conv_bn_act(x5.double(), weight.double(), bias.double(), 1, 1)
-    assert_matches(_run(x5, weight, bias), expected, torch.float32)
+def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
+    """oneDNN picks the weight layout for the input shape (a weight packed for batch 1 is
+    reordered on every batch-8 call): one packing per shape, the newest few kept."""
+    _, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
+    shapes = [(b, 13, 7 + b, 5) for b in range(1, onednn.SHAPES_PER_WEIGHT + 3)]
+    for i, shape in enumerate(shapes):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+        assert_matches(_run(x, weight, bias), expected, torch.float32)
+        kept = list(onednn._packed[id(weight)][1])
+        assert kept[-1] == shape and len(kept) == min(i + 1, onednn.SHAPES_PER_WEIGHT)
+    assert kept == shapes[-onednn.SHAPES_PER_WEIGHT :]
 
 
 @pytest.mark.skipif(onednn.supports(torch.bfloat16), reason="this CPU runs bf16 in oneDNN")
