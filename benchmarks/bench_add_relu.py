@@ -2,9 +2,9 @@
 
 Shapes are ResNet-50's residual activations (batch 256 by default), channels_last. Providers: on
 CUDA the triton and cuda backends, on CPU the extension's cpu backend. Each provider's output is
-checked against eager before it is timed. Times are medians over --iters calls after a warm-up
-(CUDA events on a GPU, perf_counter on the CPU). Writes a JSON file (environment + every
-measurement) and a Markdown table beside it, and prints the table.
+checked against eager before it is timed. Times are medians over --iters calls after a warm-up,
+the providers called in turn (CUDA events on a GPU, perf_counter on the CPU). Writes a JSON
+file (environment + every measurement) and a Markdown table beside it, and prints the table.
 
     python benchmarks/bench_add_relu.py --out benchmarks/results/DIR/add_relu.json
     python benchmarks/bench_add_relu.py --device cpu --batch 8 --dtypes float32 --out /tmp/a.json
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import fastcnn
-from fastcnn.bench.results import environment, machine, time_ms, write_results
+from fastcnn.bench.results import environment, machine, time_interleaved, write_results
 
 SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -66,11 +66,11 @@ def main() -> None:
             r = r.to(memory_format=torch.channels_last)
             expected = torch.relu(x + r)
             moved = 3 * x.numel() * x.element_size()  # read x, read r, write out
-            base_ms = None
-            for name, fn in providers(x, r).items():
+            fns = providers(x, r)
+            for fn in fns.values():
                 torch.testing.assert_close(fn(), expected, rtol=0, atol=0)
-                ms = time_ms(fn, args.iters)
-                base_ms = ms if name == "eager" else base_ms
+            times = time_interleaved(fns, args.iters, warmup=10)  # round-robin, call by call
+            for name, ms in times.items():
                 rows.append(
                     {
                         "dtype": dtype_name,
@@ -79,7 +79,7 @@ def main() -> None:
                         "provider": name,
                         "ms": ms,
                         "GB/s": moved / ms / 1e6,
-                        "speedup_vs_eager": base_ms / ms,
+                        "speedup_vs_eager": times["eager"] / ms,
                     }
                 )
             del x, r, expected
@@ -90,7 +90,8 @@ def main() -> None:
         rows,
         env,
         f"add_relu on {machine(env, args.device)}",
-        f"channels_last; median of {args.iters} calls; eager = torch.relu(x + r)",
+        f"channels_last; median of {args.iters} calls, providers interleaved; "
+        "eager = torch.relu(x + r)",
     )
     print(table)
 
