@@ -131,3 +131,13 @@ def test_fastcnn_rows_compare_with_the_best_peer():
     bench._compare_with_best_peer(group)
     assert group[3]["vs_best_peer"] == pytest.approx(0.8)
     assert all("vs_best_peer" not in r for r in group[:3])
+
+
+def test_interleaved_timing_rotates_the_order_of_providers():
+    from fastcnn.bench.results import time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(fns, iters=3, warmup=0)
+    assert set(times) == {"a", "b", "c"} and all(ms >= 0 for ms in times.values())
+    assert calls == list("abcbcacab")  # each provider leads one round
