@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastcnn
+from fastcnn import reference
 from fastcnn.triton._common import interpreting
 
 # (rtol, atol) for comparing a kernel's output with the float64 reference.
@@ -109,3 +110,15 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
     err = (actual.double() - expected.double()).abs().max().item()
     assert not torch.isnan(actual).any(), "NaN in the output"
     assert err <= 10 * rtol * max(scale, 1.0), f"max error {err:.3g} at logit scale {scale:.3g}"
+
+
+def conv_reference64(x, weight, bias, stride, padding, residual=None, relu=True, **kwargs):
+    """fastcnn.reference.conv_bn_act in float64 (every tensor argument cast): what each conv test
+    compares a kernel against. kwargs: groups, dilation."""
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    return reference.conv_bn_act(
+        f64(x), f64(weight), f64(bias), stride, padding, residual=f64(residual), relu=relu, **kwargs
+    )

@@ -11,6 +11,7 @@ import torch
 from conv_cases import CASE_IDS, CASES
 from fastcnn_testing import (
     assert_matches,
+    conv_reference64,
     op_backend_params,
     poisoned_like,
     random_conv_inputs,
@@ -19,7 +20,6 @@ from fastcnn_testing import (
 )
 
 import fastcnn
-from fastcnn import reference
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 BACKENDS = op_backend_params(conv_module._IMPLS)
@@ -39,18 +39,6 @@ def _inputs(case, dtype, device, channels_last, residual, seed=0):
     return x, weight, bias, res
 
 
-def _reference64(x, weight, bias, case, res, relu):
-    return reference.conv_bn_act(
-        x.double(),
-        weight.double(),
-        bias.double(),
-        case.stride,
-        case.padding,
-        residual=None if res is None else res.double(),
-        relu=relu,
-    )
-
-
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
@@ -68,7 +56,8 @@ def test_matches_reference(device, backend, dtype, channels_last, epilogue, case
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     ), "the output must follow the input's memory format"
     assert not torch.isnan(out).any()
-    assert_matches(out, _reference64(x, weight, bias, case, res, relu), dtype)
+    expected = conv_reference64(x, weight, bias, case.stride, case.padding, res, relu)
+    assert_matches(out, expected, dtype)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
@@ -90,7 +79,7 @@ def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case
         "wrote outside the out= slice"
     )
     assert not torch.isnan(out).any(), "left part of the slice unwritten"
-    assert_matches(out, _reference64(x, weight, bias, case, res, True), dtype)
+    assert_matches(out, conv_reference64(x, weight, bias, case.stride, case.padding, res), dtype)
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
@@ -99,7 +88,7 @@ def test_no_bias(device, backend):
     x, weight, _ = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, device)
     with fastcnn.use_backend(backend):
         out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1)
-    expected = reference.conv_bn_act(x.double(), weight.double(), None, 1, 1)
+    expected = conv_reference64(x, weight, None, 1, 1)
     assert_matches(out, expected, torch.float32)
 
 
@@ -109,7 +98,7 @@ def test_rectangular_stride_and_padding(device, backend):
     x, weight, bias = random_conv_inputs(13, 24, 3, 9, 11, torch.float32, device)
     with fastcnn.use_backend(backend):
         out = fastcnn.ops.conv_bn_act(x, weight, bias, stride=(2, 1), padding=(0, 2))
-    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), (2, 1), (0, 2))
+    expected = conv_reference64(x, weight, bias, (2, 1), (0, 2))
     assert out.shape == expected.shape
     assert_matches(out, expected, torch.float32)
 
@@ -141,13 +130,7 @@ def test_groups_and_dilation_run_the_reference_with_a_note(monkeypatch, kwargs, 
     weight = torch.randn(*w_shape) * 0.1
     with pytest.warns(RuntimeWarning, match="groups > 1 and dilation != 1 have no fused kernel"):
         out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1, **kwargs)
-    expected = reference.conv_bn_act(
-        x.double(),
-        weight.double(),
-        None,
-        1,
-        1,
-        groups=kwargs.get("groups", 1),
-        dilation=kwargs.get("dilation", 1),
+    expected = conv_reference64(
+        x, weight, None, 1, 1, groups=kwargs.get("groups", 1), dilation=kwargs.get("dilation", 1)
     )
     assert_matches(out, expected, torch.float32)

@@ -7,10 +7,9 @@ import gc
 
 import pytest
 import torch
-from fastcnn_testing import assert_matches, random_conv_inputs
+from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs
 
 import fastcnn
-from fastcnn import reference
 from fastcnn.cpu import onednn
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +32,7 @@ def test_weights_are_packed_once_and_repacked_when_they_change():
         weight.mul_(-1)  # an in-place update (an optimizer step, load_state_dict, ...)
     out = _run(x, weight, bias)
     assert onednn._packed[id(weight)][1][tuple(x.shape)] is not packed
-    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    expected = conv_reference64(x, weight, bias, 1, 1)
     assert_matches(out, expected, torch.float32)
 
 
@@ -54,7 +53,7 @@ def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
     shapes = [(b, 13, 7 + b, 5) for b in range(1, onednn.SHAPES_PER_WEIGHT + 3)]
     for i, shape in enumerate(shapes):
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+        expected = conv_reference64(x, weight, bias, 1, 1)
         assert_matches(_run(x, weight, bias), expected, torch.float32)
         kept = list(onednn._packed[id(weight)][1])
         assert kept[-1] == shape and len(kept) == min(i + 1, onednn.SHAPES_PER_WEIGHT)
@@ -67,7 +66,7 @@ def test_dtype_onednn_cannot_run_falls_back_with_a_note(monkeypatch):
     x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.bfloat16, "cpu")
     with pytest.warns(RuntimeWarning, match="oneDNN cannot run torch.bfloat16"):
         out = _run(x, weight, bias)
-    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    expected = conv_reference64(x, weight, bias, 1, 1)
     assert_matches(out, expected, torch.bfloat16)
 
 
@@ -76,6 +75,6 @@ def test_weights_made_under_inference_mode():
         x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
         out = _run(x, weight, bias)
         again = _run(x, weight, bias)
-    expected = reference.conv_bn_act(x.double(), weight.double(), bias.double(), 1, 1)
+    expected = conv_reference64(x, weight, bias, 1, 1)
     assert_matches(out, expected, torch.float32)
     assert torch.equal(out, again)

@@ -12,13 +12,13 @@ from fastcnn_testing import (
     NO_GPU_REASON,
     TOLERANCES,
     assert_matches,
+    conv_reference64,
     poisoned_like,
     random_conv_inputs,
     random_tensor,
 )
 
 import fastcnn
-from fastcnn import reference
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 
@@ -43,14 +43,7 @@ def _run_case(case, dtype, backend, *, residual=True, out_slice=False, batch=2):
         got = fastcnn.ops.conv_bn_act(
             x, weight, bias, case.stride, case.padding, residual=res, out=out
         )
-    expected = reference.conv_bn_act(
-        x.double(),
-        weight.double(),
-        bias.double(),
-        case.stride,
-        case.padding,
-        residual=None if res is None else res.double(),
-    )
+    expected = conv_reference64(x, weight, bias, case.stride, case.padding, res)
     assert not torch.isnan(got).any()
     assert_matches(got, expected, dtype)
     if out_slice:
@@ -81,14 +74,7 @@ def test_cuda_backend_nchw_input_and_no_bias(dtype, residual):
         res = random_tensor((3, 24, 9, 11), dtype, "cuda", seed=3) if residual else None
         with fastcnn.use_backend("cuda"):
             got = fastcnn.ops.conv_bn_act(x, weight, None, 1, padding, residual=res)
-        expected = reference.conv_bn_act(
-            x.double(),
-            weight.double(),
-            None,
-            1,
-            padding,
-            residual=None if res is None else res.double(),
-        )
+        expected = conv_reference64(x, weight, None, 1, padding, res)
         assert got.is_contiguous()  # the result follows x's memory format
         assert not torch.isnan(got).any()
         assert_matches(got, expected, dtype)
@@ -117,9 +103,7 @@ def test_in_place_over_the_residual_with_autotuning(backend, monkeypatch):
     monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", "1")
     x, weight, bias = random_conv_inputs(64, 256, 1, 28, 28, torch.float16, "cuda", batch=4)
     res = random_tensor((4, 256, 28, 28), torch.float16, "cuda", channels_last=True, seed=9)
-    expected = reference.conv_bn_act(
-        x.double(), weight.double(), bias.double(), 1, 0, residual=res.double()
-    )
+    expected = conv_reference64(x, weight, bias, 1, 0, res)
     with fastcnn.use_backend(backend):
         got = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 0, residual=res, out=res)
     assert got.data_ptr() == res.data_ptr()

@@ -7,10 +7,15 @@ import importlib
 
 import pytest
 import torch
-from fastcnn_testing import assert_matches, op_backend_params, random_conv_inputs, random_tensor
+from fastcnn_testing import (
+    assert_matches,
+    conv_reference64,
+    op_backend_params,
+    random_conv_inputs,
+    random_tensor,
+)
 
 import fastcnn
-from fastcnn import reference
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 
@@ -21,15 +26,7 @@ conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 def test_out_is_the_residual(device, backend, relu, kernel, padding):
     x, weight, bias = random_conv_inputs(13, 24, kernel, 7, 9, torch.float32, device)
     residual = random_tensor((2, 24, 7, 9), torch.float32, device, channels_last=True, seed=5)
-    expected = reference.conv_bn_act(
-        x.double(),
-        weight.double(),
-        bias.double(),
-        1,
-        padding,
-        residual=residual.double(),
-        relu=relu,
-    )
+    expected = conv_reference64(x, weight, bias, 1, padding, residual, relu)
     with fastcnn.use_backend(backend):
         got = fastcnn.ops.conv_bn_act(
             x, weight, bias, 1, padding, residual=residual, relu=relu, out=residual
