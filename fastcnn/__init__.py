@@ -11,6 +11,7 @@ from fastcnn._backend import (
     set_backend,
     use_backend,
 )
+from fastcnn._trace import KernelEvent, KernelKey, Trace, trace
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.optimize import optimize
 from fastcnn.report import Report, report
@@ -19,7 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "KernelEvent",
+    "KernelKey",
     "Report",
+    "Trace",
     "__version__",
     "available_backends",
     "fold_bn",
@@ -31,5 +35,6 @@ __all__ = [
     "reference",
     "report",
     "set_backend",
+    "trace",
     "use_backend",
 ]

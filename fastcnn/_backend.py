@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from fastcnn import _trace
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "eager")
 CONCRETE_BACKENDS = ("triton", "cuda", "cpu", "eager")
 ENV_VAR = "FASTCNN_BACKEND"
@@ -207,6 +209,7 @@ def pick(op: str, device: torch.device, impls: Mapping[str, Callable]) -> Callab
         status = _cached_status(candidate, dev)
         if status:
             if unavailable:
+                _trace.note_skipped(op, "; ".join(unavailable))
                 note_once(
                     (op, dev),
                     f"fastcnn.ops.{op} on {dev}: using {candidate!r} because "

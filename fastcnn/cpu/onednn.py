@@ -66,6 +66,18 @@ def prepacked(weight: torch.Tensor, padding, stride, input_shape) -> torch.Tenso
     return packed
 
 
+def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+    """Why conv_bn_act must copy this residual first, or None. oneDNN writes the result in
+    x's layout; a residual in another layout is converted once (compared by layout, not with
+    x's strides: the residual has the output's shape)."""
+    cl = torch.channels_last
+    if residual is None or not x.is_contiguous(memory_format=cl):
+        return None
+    if residual.is_contiguous(memory_format=cl):
+        return None
+    return "the residual is not channels_last like x: copied to channels_last first"
+
+
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -86,11 +98,8 @@ def conv_bn_act(
         return _mkldnn._convolution_pointwise(
             x, w, bias, pad, st, dil, 1, "relu" if relu else "none", [], ""
         )
-    # oneDNN writes the result in x's layout; a residual in another layout is converted once
-    # (comparing with the layout, not x's strides: the residual has the output's shape).
-    cl = torch.channels_last
-    if x.is_contiguous(memory_format=cl) and not residual.is_contiguous(memory_format=cl):
-        residual = residual.contiguous(memory_format=cl)
+    if residual_copy_reason(x, residual) is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
         in_place = False  # the converted copy is a new tensor already
     if in_place:  # the binary add's operand is also its destination: no new output tensor
         return _mkldnn._convolution_pointwise_.binary(

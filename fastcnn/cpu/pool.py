@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _extension
+from fastcnn import _extension, _trace
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -20,29 +20,49 @@ def output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bo
     return out
 
 
+def unsupported_reason(
+    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
+) -> str | None:
+    """Why the extension's pool cannot take x (torch's max_pool2d runs then), or None."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in _DTYPES:
+        return "not a 4-d float CPU tensor"
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return "the input is not channels_last"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "autograd must record it"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if padding * 2 > kernel:
+        return f"padding {padding} > kernel {kernel} / 2"
+    h, w = x.shape[2:]
+    if min(output_size(s, kernel, stride, padding, ceil_mode) for s in (h, w)) < 1:
+        return "empty output"
+    if _extension.load() is None:
+        return "the C++ extension did not build"
+    return None
+
+
 def max_pool2d(
     x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
-) -> torch.Tensor | None:
-    """max_pool2d(x) by the extension, channels_last; None where it does not apply (not a
-    channels_last CPU float tensor, grad needed, padding > kernel / 2, the extension not
-    built): the caller then runs torch's own."""
-    if (
-        x.device.type != "cpu"
-        or x.dim() != 4
-        or x.dtype not in _DTYPES
-        or not x.is_contiguous(memory_format=torch.channels_last)
-        or (torch.is_grad_enabled() and x.requires_grad)
-        or padding * 2 > kernel
-        or torch.compiler.is_compiling()
-        or _extension.load() is None
-    ):
-        return None
+) -> torch.Tensor:
+    """max_pool2d(x) by the extension, channels_last, for an x unsupported_reason accepts."""
     n, c, h, w = x.shape
     ho = output_size(h, kernel, stride, padding, ceil_mode)
     wo = output_size(w, kernel, stride, padding, ceil_mode)
-    if ho < 1 or wo < 1:
-        return None
     out = torch.empty(n, c, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
     pair = [kernel, kernel], [stride, stride], [padding, padding]
     _extension.ops().max_pool2d_out(x, *pair, out)
     return out
+
+
+def max_pool2d_or_torch(
+    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
+) -> torch.Tensor:
+    """The extension's pool where it applies, else torch's (a fallback the trace records when
+    x is a CPU tensor: on CUDA, torch's pool is the path)."""
+    why = unsupported_reason(x, kernel, stride, padding, ceil_mode)
+    if why is None:
+        _trace.record("max_pool2d", "cpu", "indices_free")
+        return max_pool2d(x, kernel, stride, padding, ceil_mode)
+    _trace.record("max_pool2d", "aten", "max_pool2d", why if x.device.type == "cpu" else None)
+    return torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)

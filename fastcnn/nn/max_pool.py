@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcnn import _trace
 from fastcnn.cpu import pool
 
 
@@ -29,17 +30,14 @@ class MaxPool2d(nn.MaxPool2d):
         return None
 
     def forward(self, x: torch.Tensor):
-        if self.unsupported_reason(self) is None:
-            y = pool.max_pool2d(
-                x,
-                _first(self.kernel_size),
-                _first(self.stride if self.stride is not None else self.kernel_size),
-                _first(self.padding),
-                self.ceil_mode,
-            )
-            if y is not None:
-                return y
-        return super().forward(x)
+        why = self.unsupported_reason(self)
+        if why is not None:
+            _trace.record("max_pool2d", "aten", "max_pool2d", why)
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return pool.max_pool2d_or_torch(
+            x, _first(self.kernel_size), _first(stride), _first(self.padding), self.ceil_mode
+        )
 
 
 def _first(v) -> int:

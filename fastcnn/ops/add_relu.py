@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _backend
+from fastcnn import _backend, _trace
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
@@ -20,14 +20,16 @@ _OP = "add_relu"
 
 def _eager(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """reference.add_relu's arithmetic (x + r, then relu), written into out: no extra copy."""
+    _trace.record(_OP, "eager", "reference")
     out = torch.empty_like(x) if out is None else out
     return torch.add(x, residual, out=out).relu_()
 
 
-def _into_buffer(kernel):
+def _into_buffer(backend: str, kernel):
     """A kernel that writes into out, given a buffer when the caller gave none."""
 
     def run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        _trace.record(_OP, backend, "elementwise")
         out = torch.empty_like(x) if out is None else out
         kernel(x, residual, out)
         return out
@@ -36,9 +38,9 @@ def _into_buffer(kernel):
 
 
 _IMPLS = {
-    "triton": _into_buffer(triton_kernel("add_relu", "add_relu_out")),
-    "cuda": _into_buffer(extension_kernel("add_relu_out")),
-    "cpu": _into_buffer(extension_kernel("add_relu_out")),
+    "triton": _into_buffer("triton", triton_kernel("add_relu", "add_relu_out")),
+    "cuda": _into_buffer("cuda", extension_kernel("add_relu_out")),
+    "cpu": _into_buffer("cpu", extension_kernel("add_relu_out")),
     "eager": _eager,
 }
 

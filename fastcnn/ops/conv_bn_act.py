@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _backend, reference
+from fastcnn import _backend, _trace, reference
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
@@ -20,9 +20,14 @@ _OP = "conv_bn_act"
 Pair = list[int]
 
 
-def _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+def _reference(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
     y = reference.conv_bn_act(x, weight, bias, stride, padding, groups, residual, relu, dilation)
     return as_result(x, y, out)
+
+
+def _eager(*args):
+    _trace.record(_OP, "eager", "reference")
+    return _reference(*args)
 
 
 _triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
@@ -30,6 +35,7 @@ _extension_cuda = extension_kernel("conv_bn_act_out")
 
 
 def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
+    _trace.record(_OP, "triton", "implicit_gemm")
     if out is None:
         out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu)
@@ -38,6 +44,7 @@ def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, r
 
 def _cuda_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
     """The extension: cuBLASLt (1x1, epilogue fused) or cuDNN + one epilogue pass."""
+    _trace.record(_OP, "cuda", "extension")
     if out is None:
         out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _extension_cuda(x, weight, bias, stride, padding, residual, relu, out)
@@ -48,12 +55,14 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
     from fastcnn.cpu import onednn
 
     if not onednn.supports(x.dtype):
+        why = f"oneDNN cannot run {x.dtype} convolutions on this CPU"
         _backend.note_once(
-            (_OP, f"cpu-{x.dtype}"),
-            f"fastcnn.ops.{_OP}: oneDNN cannot run {x.dtype} convolutions on this CPU; "
-            "they run the eager reference",
+            (_OP, f"cpu-{x.dtype}"), f"fastcnn.ops.{_OP}: {why}; they run the eager reference"
         )
-        return _eager(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+        _trace.record(_OP, "cpu", "reference", why)
+        return _reference(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+    copy = onednn.residual_copy_reason(x, residual)
+    _trace.record(_OP, "cpu", "onednn", copy)
     in_place = out is not None and out is residual
     y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place)
     return y if y is out else as_result(x, y, out)
@@ -147,12 +156,14 @@ def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out
             if _checks.same_view(out, residual):
                 residual = out  # one object, so that backends can tell an in-place call
     if groups != 1 or dilation != [1, 1]:
+        why = "groups > 1 and dilation != 1 have no fused kernel"
         _backend.note_once(
             (_OP, "groups/dilation"),
-            f"fastcnn.ops.{_OP}: groups > 1 and dilation != 1 have no fused kernel; such "
-            "convolutions run the eager reference (whatever the backend)",
+            f"fastcnn.ops.{_OP}: {why}; such convolutions run the eager reference (whatever "
+            "the backend)",
         )
-        impl = _eager
+        _trace.record(_OP, "eager", "reference", why)
+        impl = _reference
     else:
         impl = _backend.pick(_OP, x.device, _IMPLS)
     return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)

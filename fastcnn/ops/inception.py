@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _backend, reference
+from fastcnn import _backend, _trace, reference
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
@@ -27,6 +27,7 @@ _extension_cuda = extension_kernel("inception_out")
 
 
 def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+    _trace.record(_OP, "triton", "4 implicit_gemm launches")
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
     c1, c2r, _ = widths
@@ -49,14 +50,20 @@ def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
 
 def _cuda_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     """The extension (csrc/cuda/inception.cu): cuBLASLt/cuDNN convs into the output's slices."""
+    _trace.record(_OP, "cuda", "extension")
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
     _extension_cuda(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
     return out
 
 
-def _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
+def _reference(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     return as_result(x, reference.inception(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool), out)
+
+
+def _eager(*args):
+    _trace.record(_OP, "eager", "reference")
+    return _reference(*args)
 
 
 def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
@@ -64,14 +71,14 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     channel slices of its result, the pool branch, then one concat written into the output.
     oneDNN (through torch's ops) cannot write into a slice, hence the concat here."""
     from fastcnn.cpu import onednn
-    from fastcnn.cpu.pool import max_pool2d
+    from fastcnn.cpu.pool import max_pool2d_or_torch
 
     if not onednn.supports(x.dtype):
-        _backend.note_once(
-            (_OP, f"cpu-{x.dtype}"),
-            f"fastcnn.ops.{_OP}: oneDNN cannot run {x.dtype} on this CPU; the reference runs",
-        )
-        return _eager(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
+        why = f"oneDNN cannot run {x.dtype} convolutions on this CPU"
+        _backend.note_once((_OP, f"cpu-{x.dtype}"), f"fastcnn.ops.{_OP}: {why}; the reference runs")
+        _trace.record(_OP, "cpu", "reference", why)
+        return _reference(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
+    _trace.record(_OP, "cpu", "onednn+cat")
     c1, c2r, _ = widths
     one, zero = (1, 1), (0, 0)
     reduced = onednn.conv_bn_act(x, rw, rb, one, zero, None, True)
@@ -82,9 +89,7 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     ):
         k = weight.shape[-1] // 2
         branches.append(onednn.conv_bn_act(src, weight, bias, one, (k, k), None, True))
-    pooled = max_pool2d(x, pool, 1, pool // 2, True)  # no indices (None: not channels_last)
-    if pooled is None:
-        pooled = torch.nn.functional.max_pool2d(x, pool, 1, pool // 2, ceil_mode=True)
+    pooled = max_pool2d_or_torch(x, pool, 1, pool // 2, True)
     branches.append(onednn.conv_bn_act(pooled, w4, b4, one, zero, None, True))
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)

@@ -63,10 +63,11 @@ def test_writes_into_a_channel_slice():
 
 def test_refuses_what_it_cannot_run():
     x = torch.randn(2, 13, 9, 9)
-    assert pool.max_pool2d(x, 3, 2, 0, True) is None  # NCHW: torch's kernel runs
+    assert "channels_last" in pool.unsupported_reason(x, 3, 2, 0, True)  # torch's kernel runs
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert pool.max_pool2d(cl.double(), 3, 2, 0, True) is None
-    assert pool.max_pool2d(cl.requires_grad_(), 3, 2, 0, True) is None
+    assert pool.unsupported_reason(cl, 3, 2, 0, True) is None
+    assert "float" in pool.unsupported_reason(cl.double(), 3, 2, 0, True)
+    assert "autograd" in pool.unsupported_reason(cl.requires_grad_(), 3, 2, 0, True)
     with pytest.raises(RuntimeError, match="x must be channels_last"):
         _extension.ops().max_pool2d_out(x, [3, 3], [1, 1], [1, 1], torch.empty_like(x))
 
@@ -79,7 +80,14 @@ def test_module_is_a_drop_in(channels_last):
     x = torch.randn(2, 13, 11, 11)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(fast(x), ref(x))
+    with fastcnn.trace() as t:
+        y = fast(x)
+    assert torch.equal(y, ref(x))
+    (event,) = t.events  # the path taken, and a visible reason when it is torch's
+    if channels_last:
+        assert (event.backend, event.kernel, event.fallback) == ("cpu", "indices_free", None)
+    else:
+        assert event.kernel == "max_pool2d" and "channels_last" in event.fallback
 
 
 def test_module_keeps_autograd_and_indices():
