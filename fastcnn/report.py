@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
+import torch
 from torch import nn
+
+from fastcnn._trace import trace
 
 ACTIONS = ("fused", "replaced", "kept", "reverted", "dropped")
 
@@ -28,6 +32,9 @@ class Report:
     backend: str
     entries: list[ReportEntry] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # module path -> {KernelKey: calls}, from one traced run of the model (verify=True, or
+    # fastcnn.report(model, example_input=x)); empty until the model has run so.
+    kernels: dict[str, collections.Counter] = dataclasses.field(default_factory=dict)
 
     def add(self, path: str, original: str, action: str, reason: str, replacement=None) -> None:
         if action not in ACTIONS:
@@ -57,14 +64,32 @@ class Report:
                 lines.append("  ".join("-" * w for w in [*widths, 6]))
         lines.append("totals: " + ", ".join(f"{len(self.by_action(a))} {a}" for a in ACTIONS))
         lines += [f"note: {n}" for n in self.notes]
+        if self.kernels:
+            lines.append("kernels run on the example (module: op backend:kernel x calls):")
+            for path, counts in self.kernels.items():
+                for key, n in counts.items():
+                    why = f"  FALLBACK: {key.fallback}" if key.fallback else ""
+                    lines.append(
+                        f"  {path or '(model)'}: {key.op} {key.backend}:{key.kernel} x{n}{why}"
+                    )
         return "\n".join(lines)
 
+    def fallbacks(self) -> list[tuple[str, object]]:
+        """(module path, KernelKey) of every slower path seen in the traced run."""
+        return [(p, k) for p, c in self.kernels.items() for k in c if k.fallback is not None]
 
-def report(model: nn.Module) -> Report:
-    """The Report of a model returned by fastcnn.optimize."""
+
+def report(model: nn.Module, example_input: torch.Tensor | None = None) -> Report:
+    """The Report of a model returned by fastcnn.optimize. With example_input, the model runs
+    once on it (no grad) and the report's `kernels` say which kernel every module ran, fallbacks
+    with their reasons."""
     found = getattr(model, "_fastcnn_report", None)
     if found is None:
         raise ValueError(
             "fastcnn.report: this model was not produced by fastcnn.optimize (no report on it)"
         )
+    if example_input is not None:
+        with torch.no_grad(), trace(model) as t:
+            model(example_input)
+        found.kernels = t.by_module()
     return found

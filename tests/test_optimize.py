@@ -261,45 +261,77 @@ def test_optimized_googlenet_exports_with_the_inception_op():
     assert "aten.cat.default" not in targets
 
 
-class ShortcutUses(nn.Module):
-    """Four residual blocks whose shortcut is: the model's input; a tensor read again after the
-    add; the conv's own input; a dead internal tensor. Only the last may be overwritten."""
+def test_verify_covers_the_module_level_fallback(monkeypatch):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Untraceable(), seed=3).eval()
+    real = ConvBNAct.from_modules
 
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(4))
-        self.pool = nn.MaxPool2d(3, 1, 1)
+    def corrupt(conv, bn, relu=None, backend=None):
+        fused = real(conv, bn, relu, backend)
+        fused.bias.add_(1.0)
+        return fused
 
-    def block(self, i, x, shortcut):
-        return torch.relu(self.bns[i](self.convs[i](x)) + shortcut)
-
-    def forward(self, x):
-        a = self.block(0, x, x)  # shortcut: the model's input
-        p = self.pool(a)
-        b = self.block(1, p, p) + p  # p read after the add (and the conv's own input)
-        q = self.pool(b)
-        c = self.block(2, q, q)  # the conv's own input
-        r = self.pool(c)
-        return self.block(3, self.pool(r), r)  # r dead after the add: overwritten
+    monkeypatch.setattr(ConvBNAct, "from_modules", staticmethod(corrupt))
+    fast = fastcnn.optimize(model, verify=True, example_input=torch.randn(2, 3, 9, 9))
+    report = fastcnn.report(fast)
+    assert report.method.startswith("module-level")
+    assert [e.path for e in report.by_action("reverted")] == ["body.0"]
+    assert any(n.startswith("verify: end-to-end") for n in report.notes)
+    assert isinstance(fast.body[1], nn.BatchNorm2d)  # the originals are still in place
 
 
-@pytest.mark.parametrize("backend", ["cpu", "eager", "triton"])
-def test_dead_residuals_are_overwritten_and_nothing_else(backend):
-    model = randomize_batchnorm(ShortcutUses(), seed=2).eval()
-    fast = fastcnn.optimize(model, backend=backend)
-    flags = [m.overwrite_residual for m in fast.modules() if isinstance(m, ConvBNAct)]
-    assert flags == [False, False, False, True]
-    x = torch.randn(2, 8, 7, 9).contiguous(memory_format=torch.channels_last)
-    kept = x.clone()
+def test_verify_says_when_it_cannot_verify():
+    class Fixed(nn.Module):  # runs on 9x9 inputs only, not on verify's random 64x64 one
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4 * 7 * 7, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+    with pytest.warns(UserWarning, match="NOT verified"):
+        fast = fastcnn.optimize(Fixed().eval(), verify=True)
+    assert any("NOT verified" in n and "example_input" in n for n in fastcnn.report(fast).notes)
+    fast = fastcnn.optimize(Fixed().eval(), verify=True, example_input=torch.randn(1, 3, 9, 9))
+    assert not any("NOT verified" in n for n in fastcnn.report(fast).notes)
+
+
+def test_report_names_the_kernel_each_module_ran():
+    model = _torchvision("resnet18")
+    fast = fastcnn.optimize(model, backend="cpu", verify=True)
+    report = fastcnn.report(fast)
+    key = next(iter(report.kernels["layer1.0.conv1"]))
+    assert (key.op, key.backend, key.kernel, key.fallback) == ("conv_bn_act", "cpu", "onednn", None)
+    assert "layer1.0.conv1: conv_bn_act cpu:onednn x1" in str(report)
+    # a run on NCHW input: the pool falls back to torch's, visibly
+    report = fastcnn.report(fast, example_input=torch.randn(1, 3, 32, 32))
+    assert any(
+        k.op == "max_pool2d" and "channels_last" in k.fallback for _, k in report.fallbacks()
+    )
+
+
+def test_found_by_fuzzing_sibling_inception_blocks_and_conv_plus_itself():
+    """Two regressions tests/test_fuzz_optimize.py found: two Inception blocks whose convs share
+    a parent module got one fused module between them (the second overwrote the first), and
+    relu(conv(x) + conv(x)) (one node added to itself) crashed the chain rewrite."""
+    from fuzz_graphs import FuzzNet, Op, Program
+
+    inception = (2, 3, 3, 1, 2, 2, 5, 4, 3)
+    program = Program(
+        4,
+        (
+            Op("inception", (0,), inception),
+            Op("conv", (0,), (4, 1, 1, 0, 1, False, None, True, False)),
+            Op("add_relu", (2, 2), (False,)),
+            Op("inception", (3,), (3, 2, 3, 1, 3, 2, 3, 3, 3)),
+        ),
+        (1, 4),
+    )
+    model = FuzzNet(program, (2, 4, 9, 9), seed=0).eval()
+    fast = fastcnn.optimize(model, backend="eager")
+    assert _count(fast, FusedInception) == 2
+    x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
-        expected, got = model(x), fast(x)
-    assert torch.equal(x, kept)  # the caller's tensor is never written
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert "1 fused convs write their result into their residual" in str(fastcnn.report(fast))
-
-
-def test_resnet_shortcuts_are_overwritten_in_place():
-    fast = fastcnn.optimize(_torchvision("resnet18"), backend="cpu")
-    flagged = [m for m in fast.modules() if isinstance(m, ConvBNAct) and m.overwrite_residual]
-    assert len(flagged) == 8  # every block's conv2 (its shortcut dies at the add)
+        for got, expected in zip(fast(x), model(x), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
