@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import fastcnn
-from fastcnn import reference
 from fastcnn.triton._common import interpreting
 
 # (rtol, atol) for comparing a kernel's output with the float64 reference.
@@ -112,13 +113,82 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
     assert err <= 10 * rtol * max(scale, 1.0), f"max error {err:.3g} at logit scale {scale:.3g}"
 
 
-def conv_reference64(x, weight, bias, stride, padding, residual=None, relu=True, **kwargs):
-    """fastcnn.reference.conv_bn_act in float64 (every tensor argument cast): what each conv test
-    compares a kernel against. kwargs: groups, dilation."""
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
-    def f64(t):
-        return None if t is None else t.double()
 
-    return reference.conv_bn_act(
-        f64(x), f64(weight), f64(bias), stride, padding, residual=f64(residual), relu=relu, **kwargs
-    )
+def conv_reference64(
+    x, weight, bias, stride, padding, residual=None, relu=True, groups=1, dilation=1
+) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + residual) in float64, computed independently of
+    fastcnn.reference (which is the "eager" backend: comparing it with itself would prove
+    nothing): im2col by F.unfold, then one float64 matmul per group."""
+    x, weight = x.double(), weight.double()
+    n, _, h, w = x.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    cols = torch.nn.functional.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = cols.view(n, groups, c_per_group * kh * kw, ho * wo)
+    w_mat = weight.reshape(groups, c_out // groups, c_per_group * kh * kw)
+    y = torch.einsum("gok,ngkl->ngol", w_mat, cols).reshape(n, c_out, ho, wo)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+# The kernel each backend's own path runs, per op (fastcnn.trace's KernelKey.kernel). The
+# extension's CUDA conv picks cuBLASLt (1x1, stride 1, NHWC) or cuDNN + an epilogue pass.
+OWN_KERNELS = {
+    ("conv_bn_act", "triton"): {"implicit_gemm"},
+    ("conv_bn_act", "cpu"): {"onednn"},
+    ("conv_bn_act", "cuda"): {"cublaslt", "cudnn+epilogue", "extension"},
+    ("conv_bn_act", "eager"): {"reference"},
+    ("inception", "triton"): {"4 implicit_gemm launches"},
+    ("inception", "cpu"): {"onednn+cat"},
+    ("inception", "cuda"): {"extension"},
+    ("inception", "eager"): {"reference"},
+    ("add_relu", "triton"): {"elementwise"},
+    ("add_relu", "cpu"): {"elementwise"},
+    ("add_relu", "cuda"): {"elementwise"},
+    ("add_relu", "eager"): {"reference"},
+}
+
+
+def expected_kernels(op: str, backend: str, dtype: torch.dtype) -> tuple[set[str], str | None]:
+    """(kernels, fallback reason or None) that `op` must run on `backend` for `dtype` here: its
+    own kernels, or, where this machine cannot run them, the documented fallback."""
+    if backend == "cpu" and op in ("conv_bn_act", "inception"):
+        from fastcnn.cpu import onednn
+
+        if not onednn.supports(dtype):
+            return {"reference"}, f"oneDNN cannot run {dtype} convolutions on this CPU"
+    return OWN_KERNELS[(op, backend)], None
+
+
+def assert_ran(t, op: str, backend: str, dtype: torch.dtype) -> None:
+    """Every call of `op` in trace t ran `backend`'s kernel for dtype (or its documented
+    fallback, with that reason), and at least one call was made."""
+    kernels, fallback = expected_kernels(op, backend, dtype)
+    events = [e for e in t.events if e.op == op]
+    assert events, f"no {op} call was traced"
+    for e in events:
+        assert e.backend == backend and e.kernel in kernels, (
+            f"{op} ran {e.backend}:{e.kernel} (fallback: {e.fallback}), expected {backend}:"
+            f"{sorted(kernels)}"
+        )
+        if fallback is None:
+            assert e.fallback is None, f"{op} fell back: {e.fallback}"
+        else:
+            assert e.fallback is not None and fallback in e.fallback, e.fallback
+
+
+@contextlib.contextmanager
+def runs_on(op: str, backend: str, dtype: torch.dtype):
+    """use_backend(backend) for the block, then assert_ran: the test checks the path it means."""
+    with fastcnn.use_backend(backend), fastcnn.trace() as t:
+        yield t
+    assert_ran(t, op, backend, dtype)

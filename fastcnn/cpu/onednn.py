@@ -17,7 +17,7 @@ import torch
 _mkldnn = torch.ops.mkldnn
 
 # id(weight) -> (signature, {input shape: packed weight}); entries die with their weight tensor.
-_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor]]] = {}
+_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
 # Packed layouts kept per weight: oneDNN picks the blocked layout for the input shape, and a
 # weight packed for another shape is reordered again on every call (measured here: ResNet-50
 # packed at batch 1 and run at batch 8 took 557 ms instead of 424).
@@ -53,7 +53,9 @@ def prepacked(weight: torch.Tensor, padding, stride, input_shape) -> torch.Tenso
     if hit is None:
         weakref.finalize(weight, _packed.pop, key, None)
     if hit is None or hit[0] != signature:  # new weight, or its values changed: repack all
-        hit = _packed[key] = (signature, {})
+        # the storage is kept with the entry, so that its address (in the signature) cannot be
+        # reused by new values (weight.data = ...) while the entry lives
+        hit = _packed[key] = (signature, {}, weight.untyped_storage())
     by_shape = hit[1]
     packed = by_shape.get(shape)
     if packed is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _extension, _trace
+from fastcnn.ops import _alloc
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -49,7 +50,7 @@ def max_pool2d(
     n, c, h, w = x.shape
     ho = output_size(h, kernel, stride, padding, ceil_mode)
     wo = output_size(w, kernel, stride, padding, ceil_mode)
-    out = torch.empty(n, c, ho, wo, dtype=x.dtype, memory_format=torch.channels_last)
+    out = _alloc.empty((n, c, ho, wo), x, torch.channels_last)
     pair = [kernel, kernel], [stride, stride], [padding, padding]
     _extension.ops().max_pool2d_out(x, *pair, out)
     return out

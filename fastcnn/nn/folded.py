@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn import ops
+from fastcnn import _trace, ops
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.ops._checks import SUPPORTED_DTYPES
 
 
 def _signature(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple | None:
@@ -37,11 +38,12 @@ class FoldedConvBN:
     Not an nn.Module on purpose: it adds nothing to the state_dict.
     """
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_key", "_pins", "_value")
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pins: tuple = ()
 
     def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         key = _signature(conv, bn)
@@ -49,6 +51,11 @@ class FoldedConvBN:
             weight, bias = fold_bn(conv, bn)
             self._value = (weight.contiguous(memory_format=torch.channels_last), bias)
             self._key = key
+            # Keep the source storages alive while the key names their addresses: a freed one's
+            # address could be handed to new weights (a .half().float() round trip) whose
+            # version counter matches too, and the stale fold would be reused.
+            sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            self._pins = tuple(t.untyped_storage() for t in sources if t is not None)
         return self._value
 
 
@@ -58,8 +65,9 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 def runs_fused(module: nn.Module, x: torch.Tensor) -> bool:
     """Will `module` (built on conv_bn_act_forward) take the fused inference path for x?
-    Not in training mode, and not while autograd must record x or the module's parameters."""
-    if module.training:
+    Not in training mode, not for a dtype the fused ops do not take (float64: the plain
+    modules run, as in torchvision), and not while autograd must record x or the parameters."""
+    if module.training or x.dtype not in SUPPORTED_DTYPES:
         return False
     if not torch.is_grad_enabled():
         return True
@@ -91,7 +99,13 @@ def conv_bn_act_forward(
     autograd must see the parameters (e.g. fine-tuning with frozen BN); otherwise one fused
     fastcnn.ops.conv_bn_act with the cached folded weights. With out=, the result is written
     there (e.g. a channel slice of a concat output) and returned."""
-    if bn.training or _needs_autograd(x, residual, conv.weight, conv.bias, bn.weight, bn.bias):
+    unfused = bn.training or _needs_autograd(
+        x, residual, conv.weight, conv.bias, bn.weight, bn.bias
+    )
+    if not unfused and x.dtype not in SUPPORTED_DTYPES:
+        unfused = True
+        _trace.record("conv_bn_act", "eager", "modules", f"{x.dtype} has no fused kernel")
+    if unfused:
         y = bn(conv(x))
         if residual is not None:
             y = y + residual

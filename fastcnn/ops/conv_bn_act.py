@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
-from fastcnn.ops import _checks
+from fastcnn.ops import _alloc, _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 
@@ -133,7 +133,7 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 def new_output(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """An empty [N, C, H, W] tensor in x's memory format (channels_last in, channels_last out)."""
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    return _alloc.empty(shape, x, memory_format_of(x))
 
 
 def as_result(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

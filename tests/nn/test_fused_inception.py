@@ -11,6 +11,7 @@ from fastcnn_testing import (
     poisoned_like,
     random_tensor,
     randomize_batchnorm,
+    runs_on,
     skip_unsupported,
 )
 from inception_cases import INCEPTION_CONFIGS
@@ -44,7 +45,7 @@ def test_matches_torchvision_block(name, dtype, backend):
     with torch.no_grad():
         expected = block.double()(x.double())  # float64 reference on the same (rounded) input
         fused = fastcnn.nn.FusedInception.from_module(block.to(dtype))
-        with fastcnn.use_backend(backend):
+        with runs_on("inception", backend, dtype):
             got = fused(x.to(dtype))
     assert got.shape == expected.shape and got.dtype == dtype
     assert got.is_contiguous(memory_format=torch.channels_last)
@@ -58,8 +59,11 @@ def test_paper_5x5_variant(backend):
     assert block.branch3[1].conv.kernel_size == (5, 5)
     x = random_tensor((2, 24, 9, 7), torch.float32, "cpu", channels_last=True, seed=3)
     fused = fastcnn.nn.FusedInception.from_module(block)
-    with torch.no_grad(), fastcnn.use_backend(backend):
-        _assert_close(fused(x), block(x), torch.float32)
+    with torch.no_grad():
+        expected = block(x)
+        with runs_on("inception", backend, torch.float32):
+            got = fused(x)
+    _assert_close(got, expected, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,10 +73,11 @@ def test_out_slice_and_nchw_input(backend):
     fused = fastcnn.nn.FusedInception.from_module(block)
     x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", seed=4)  # NCHW
     big = poisoned_like(torch.empty(2, 41, 7, 9)).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), fastcnn.use_backend(backend):
+    with torch.no_grad():
         expected = block(x)
-        got = fused(x, out=big[:, 5:35])
-        nchw = fused(x)
+        with runs_on("inception", backend, torch.float32):
+            got = fused(x, out=big[:, 5:35])
+            nchw = fused(x)
     assert got.data_ptr() == big[:, 5:35].data_ptr()
     assert torch.isnan(big[:, :5]).all() and torch.isnan(big[:, 35:]).all()
     _assert_close(got, expected, torch.float32)

@@ -16,6 +16,7 @@ from fastcnn_testing import (
     poisoned_like,
     random_conv_inputs,
     random_tensor,
+    runs_on,
     skip_unsupported,
 )
 
@@ -35,7 +36,9 @@ def _inputs(case, dtype, device, channels_last, residual, seed=0):
     shape = conv_module.output_shape(
         x.shape, weight.shape, [case.stride] * 2, [case.padding] * 2, [1, 1]
     )
-    res = random_tensor(shape, dtype, device, seed=seed + 1) if residual else None
+    # the residual in x's layout, as a network makes it (another layout costs the cpu backend
+    # a copy, which its trace reports: test_residual_in_another_layout)
+    res = random_tensor(shape, dtype, device, channels_last, seed=seed + 1) if residual else None
     return x, weight, bias, res
 
 
@@ -48,7 +51,7 @@ def test_matches_reference(device, backend, dtype, channels_last, epilogue, case
     skip_unsupported(device, backend, dtype)
     has_residual, relu = EPILOGUES[epilogue]
     x, weight, bias, res = _inputs(case, dtype, device, channels_last, has_residual)
-    with fastcnn.use_backend(backend):
+    with runs_on("conv_bn_act", backend, dtype):
         out = fastcnn.ops.conv_bn_act(
             x, weight, bias, case.stride, case.padding, residual=res, relu=relu
         )
@@ -70,7 +73,7 @@ def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case
     big = poisoned_like(torch.empty(n, cout + 9, ho, wo, dtype=dtype, device=device))
     big = big.contiguous(memory_format=torch.channels_last)
     out = big[:, 4 : 4 + cout]
-    with fastcnn.use_backend(backend):
+    with runs_on("conv_bn_act", backend, dtype):
         got = fastcnn.ops.conv_bn_act(
             x, weight, bias, case.stride, case.padding, residual=res, out=out
         )
@@ -86,7 +89,7 @@ def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case
 def test_no_bias(device, backend):
     skip_unsupported(device, backend, torch.float32)
     x, weight, _ = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, device)
-    with fastcnn.use_backend(backend):
+    with runs_on("conv_bn_act", backend, torch.float32):
         out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1)
     expected = conv_reference64(x, weight, None, 1, 1)
     assert_matches(out, expected, torch.float32)
@@ -96,7 +99,7 @@ def test_no_bias(device, backend):
 def test_rectangular_stride_and_padding(device, backend):
     skip_unsupported(device, backend, torch.float32)
     x, weight, bias = random_conv_inputs(13, 24, 3, 9, 11, torch.float32, device)
-    with fastcnn.use_backend(backend):
+    with runs_on("conv_bn_act", backend, torch.float32):
         out = fastcnn.ops.conv_bn_act(x, weight, bias, stride=(2, 1), padding=(0, 2))
     expected = conv_reference64(x, weight, bias, (2, 1), (0, 2))
     assert out.shape == expected.shape
@@ -109,7 +112,7 @@ def test_nan_input_propagates(device, backend, relu):
     skip_unsupported(device, backend, torch.float32)
     x, weight, bias = random_conv_inputs(13, 24, 1, 7, 9, torch.float32, device)
     x[0, :, 3, 4] = float("nan")
-    with fastcnn.use_backend(backend):
+    with runs_on("conv_bn_act", backend, torch.float32):
         out = fastcnn.ops.conv_bn_act(x, weight, bias, relu=relu)
     assert not torch.isnan(out[1]).any()
     if relu and backend == "cpu":
@@ -128,9 +131,34 @@ def test_groups_and_dilation_run_the_reference_with_a_note(monkeypatch, kwargs, 
     monkeypatch.setattr(fastcnn._backend, "_warned", set())
     x = torch.randn(2, 14, 9, 9).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(*w_shape) * 0.1
-    with pytest.warns(RuntimeWarning, match="groups > 1 and dilation != 1 have no fused kernel"):
+    with (
+        pytest.warns(RuntimeWarning, match="groups > 1 and dilation != 1 have no fused kernel"),
+        fastcnn.trace() as t,
+    ):
         out = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1, **kwargs)
+    (event,) = t.events
+    assert (event.backend, event.kernel) == ("eager", "reference")
+    assert "no fused kernel" in event.fallback
     expected = conv_reference64(
         x, weight, None, 1, 1, groups=kwargs.get("groups", 1), dilation=kwargs.get("dilation", 1)
     )
     assert_matches(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_residual_in_another_layout(channels_last):
+    """An NCHW residual for a channels_last x (or the reverse): right on every CPU backend; the
+    cpu backend copies it first and says so in the trace."""
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu", channels_last=True)
+    x = x if channels_last else x.contiguous()
+    res = random_tensor([2, 24, 7, 9], torch.float32, "cpu", not channels_last, seed=5)
+    expected = conv_reference64(x, weight, bias, 1, 1, res)
+    with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        out = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1, residual=res)
+    assert_matches(out, expected, torch.float32)
+    (event,) = t.events
+    assert event.kernel == "onednn"
+    if channels_last:
+        assert "residual is not channels_last" in event.fallback
+    else:
+        assert event.fallback is None  # oneDNN reads an NCHW x's residual as it is

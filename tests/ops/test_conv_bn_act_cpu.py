@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs
+from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs, runs_on
 
 import fastcnn
 from fastcnn.cpu import onednn
@@ -60,14 +60,51 @@ def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
     assert kept == shapes[-onednn.SHAPES_PER_WEIGHT :]
 
 
-@pytest.mark.skipif(onednn.supports(torch.bfloat16), reason="this CPU runs bf16 in oneDNN")
-def test_dtype_onednn_cannot_run_falls_back_with_a_note(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_runs_onednn_where_this_cpu_has_it(dtype):
+    """bf16/fp16 through oneDNN on a CPU that has them (AVX-512 bf16/fp16, AMX); elsewhere the
+    reference, with the fallback and its reason in the trace (runs_on asserts whichever applies
+    to this CPU)."""
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, dtype, "cpu")
+    res = torch.randn(2, 24, 7, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    with runs_on("conv_bn_act", "cpu", dtype) as t:
+        out = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1, residual=res)
+    assert t.events[0].kernel == ("onednn" if onednn.supports(dtype) else "reference")
+    assert_matches(out, conv_reference64(x, weight, bias, 1, 1, res), dtype)
+
+
+@pytest.mark.parametrize("op", ["conv_bn_act", "inception"])
+def test_dtype_onednn_cannot_run_falls_back_visibly(monkeypatch, op):
+    """Simulated on any CPU: oneDNN refusing the dtype sends the call to the reference, with a
+    one-time warning and the reason on every traced call."""
     monkeypatch.setattr(fastcnn._backend, "_warned", set())
-    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.bfloat16, "cpu")
-    with pytest.warns(RuntimeWarning, match="oneDNN cannot run torch.bfloat16"):
-        out = _run(x, weight, bias)
-    expected = conv_reference64(x, weight, bias, 1, 1)
-    assert_matches(out, expected, torch.bfloat16)
+    monkeypatch.setattr(onednn, "supports", lambda dtype: False)
+    x, weight, bias = random_conv_inputs(13, 24, 1, 7, 9, torch.float32, "cpu")
+    if op == "conv_bn_act":
+        call = lambda: fastcnn.ops.conv_bn_act(x, weight, bias)  # noqa: E731
+        expected = conv_reference64(x, weight, bias, 1, 0).float()
+    else:
+        c = [torch.randn(w, ci, k, k) * 0.2 for w, ci, k in ((18, 13, 1), (5, 6, 3), (4, 5, 3))]
+        w4, b = torch.randn(3, 13, 1, 1) * 0.2, lambda n: torch.randn(n) * 0.1
+        args = (c[0], b(18), [7, 6, 5], c[1], b(5), c[2], b(4), w4, b(3))
+        call = lambda: fastcnn.ops.inception(x, *args)  # noqa: E731
+        expected = fastcnn.reference.inception(x.double(), *[_f64(a) for a in args]).float()
+    with (
+        pytest.warns(RuntimeWarning, match="oneDNN cannot run torch.float32"),
+        fastcnn.use_backend("cpu"),
+        fastcnn.trace() as t,
+    ):
+        out = call()
+        call()
+    assert len(t.events) == 2
+    for event in t.events:
+        assert (event.backend, event.kernel) == ("cpu", "reference")
+        assert "oneDNN cannot run torch.float32" in event.fallback
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _f64(a):
+    return a.double() if isinstance(a, torch.Tensor) else a
 
 
 def test_weights_made_under_inference_mode():

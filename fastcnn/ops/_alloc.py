@@ -1,0 +1,35 @@
+"""Where every op allocates the tensors its kernels write: one place, so that tests can poison
+them. With poisoning on (tests/conftest.py turns it on for the whole suite), each new buffer is
+filled with NaN before the kernel runs, so an element a kernel forgets to write stays NaN and
+fails the comparison, on a GPU too, where the caching allocator could otherwise hand a kernel a
+block that still holds another backend's correct result."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_poison: float | None = None
+
+
+def empty(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    t = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+    return t if _poison is None else t.fill_(_poison)
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    t = torch.empty_like(x)
+    return t if _poison is None else t.fill_(_poison)
+
+
+@contextlib.contextmanager
+def poisoned(value: float = float("nan")) -> Iterator[None]:
+    """Fill every buffer an op allocates with `value` (NaN) inside the block (for tests)."""
+    global _poison
+    before, _poison = _poison, value
+    try:
+        yield
+    finally:
+        _poison = before
