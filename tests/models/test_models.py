@@ -41,10 +41,15 @@ def test_state_dict_keys_and_shapes_match_torchvision(name):
 def test_eval_matches_torchvision(name, backend):
     tv, ours = _pair(name)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), fastcnn.use_backend(backend):
+    with torch.no_grad():
         expected = tv.eval()(x)
-        got = ours.eval()(x)
+        with fastcnn.use_backend(backend), fastcnn.trace() as t:
+            got = ours.eval()(x)
     assert_logits_close(got, expected, torch.float32)
+    # every fused call took the backend's own kernel: no silent fallback in a whole model
+    assert t.events and not t.fallbacks(), t.fallbacks()
+    ran = {e.backend for e in t.events if e.op != "max_pool2d"}
+    assert ran == {"cpu" if backend == "auto" else backend}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "googlenet"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastcnn_testing import assert_matches, random_tensor
+from fastcnn_testing import assert_matches, random_tensor, runs_on
 from torch import nn
 
 import fastcnn
@@ -32,7 +32,7 @@ def test_from_modules_matches_the_eager_sequence(backend, relu):
     with torch.no_grad():
         y = bn(conv(x.double().float()))
         expected = (torch.relu(y) if relu is not None else y).double()
-    with fastcnn.use_backend(backend), torch.no_grad():
+    with runs_on("conv_bn_act", backend, torch.float32), torch.no_grad():
         got = fused(x)
     assert_matches(got, expected, torch.float32)
 
