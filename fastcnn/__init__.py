@@ -14,6 +14,7 @@ from fastcnn._backend import (
 from fastcnn._trace import KernelEvent, KernelKey, Trace, trace
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.optimize import optimize
+from fastcnn.quantize import quantize
 from fastcnn.report import Report, report
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "nn",
     "ops",
     "optimize",
+    "quantize",
     "reference",
     "report",
     "set_backend",

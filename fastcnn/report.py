@@ -20,6 +20,7 @@ class ReportEntry:
     action: str  # one of ACTIONS: reverted = fused, then undone by verify
     replacement: str | None  # e.g. "ConvBNAct" when fused
     reason: str  # what was fused, or why it was kept / reverted / dropped
+    error: float | None = None  # measured by verify (fastcnn.quantize: relative RMS error)
 
     @property
     def fused(self) -> bool:
@@ -36,10 +37,12 @@ class Report:
     # fastcnn.report(model, example_input=x)); empty until the model has run so.
     kernels: dict[str, collections.Counter] = dataclasses.field(default_factory=dict)
 
-    def add(self, path: str, original: str, action: str, reason: str, replacement=None) -> None:
+    def add(
+        self, path: str, original: str, action: str, reason: str, replacement=None, error=None
+    ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"unknown report action {action!r}")
-        self.entries.append(ReportEntry(path, original, action, replacement, reason))
+        self.entries.append(ReportEntry(path, original, action, replacement, reason, error))
 
     def by_action(self, action: str) -> list[ReportEntry]:
         return [e for e in self.entries if e.action == action]

@@ -2,6 +2,7 @@
 // computes and writes (int64: twice the bytes of an fp32 output) when no backward will need them.
 // Each output pixel is the elementwise max of its window's channel vectors: vectorized over
 // channels with ATen's Vectorized<T>, split over (batch, output row) with at::parallel_for.
+// uint8 too: fastcnn.quantize's activations (aten's uint8 max_pool2d rejects large inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,7 +29,8 @@ void max_pool_cl(const T* x, T* out, int64_t n, int64_t c, int64_t h, int64_t w,
                  int64_t out_ld) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
-  const T lowest = -std::numeric_limits<T>::infinity();
+  const T lowest = std::numeric_limits<T>::has_infinity ? -std::numeric_limits<T>::infinity()
+                                                        : std::numeric_limits<T>::lowest();
   at::parallel_for(0, n * ho, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / ho, oh = row % ho;
@@ -80,11 +82,12 @@ void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArra
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "fastcnn_ext::max_pool2d_out: kernel, stride and padding are pairs");
   if (out.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_cpu", [&] {
-    max_pool_cl<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.size(0),
-                          c, x.size(2), x.size(3), ho, wo, kernel[0], kernel[1], stride[0],
-                          stride[1], padding[0], padding[1], out_ld);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND3(
+      at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "max_pool_cpu", [&] {
+        max_pool_cl<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                              x.size(0), c, x.size(2), x.size(3), ho, wo, kernel[0], kernel[1],
+                              stride[0], stride[1], padding[0], padding[1], out_ld);
+      });
 }
 
 }  // namespace

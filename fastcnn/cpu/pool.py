@@ -9,7 +9,7 @@ import torch
 from fastcnn import _extension, _trace
 from fastcnn.ops import _alloc
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: int8 models
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -26,7 +26,7 @@ def unsupported_reason(
 ) -> str | None:
     """Why the extension's pool cannot take x (torch's max_pool2d runs then), or None."""
     if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in _DTYPES:
-        return "not a 4-d float CPU tensor"
+        return "not a 4-d float or uint8 CPU tensor"
     if not x.is_contiguous(memory_format=torch.channels_last):
         return "the input is not channels_last"
     if torch.is_grad_enabled() and x.requires_grad:
@@ -66,4 +66,7 @@ def max_pool2d_or_torch(
         _trace.record("max_pool2d", "cpu", "indices_free")
         return max_pool2d(x, kernel, stride, padding, ceil_mode)
     _trace.record("max_pool2d", "aten", "max_pool2d", why if x.device.type == "cpu" else None)
+    if x.dtype == torch.uint8 and x.device.type == "cpu":  # aten's uint8 CPU pool rejects large
+        y = torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding, ceil_mode=ceil_mode)
+        return y.to(torch.uint8)  # inputs; through fp32 it is exact
     return torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)

@@ -5,5 +5,16 @@ from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.nn.fused_inception import FusedInception
 from fastcnn.nn.max_pool import MaxPool2d
+from fastcnn.nn.quantized import Dequantize, QConvBNAct, Quantize, Requantize
 
-__all__ = ["AddReLU", "ConvBNAct", "FusedInception", "MaxPool2d", "fold_bn"]
+__all__ = [
+    "AddReLU",
+    "ConvBNAct",
+    "Dequantize",
+    "FusedInception",
+    "MaxPool2d",
+    "QConvBNAct",
+    "Quantize",
+    "Requantize",
+    "fold_bn",
+]

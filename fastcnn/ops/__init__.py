@@ -3,5 +3,6 @@
 from fastcnn.ops.add_relu import add_relu
 from fastcnn.ops.conv_bn_act import conv_bn_act
 from fastcnn.ops.inception import inception
+from fastcnn.ops.qconv_bn_act import qconv_bn_act
 
-__all__ = ["add_relu", "conv_bn_act", "inception"]
+__all__ = ["add_relu", "conv_bn_act", "inception", "qconv_bn_act"]

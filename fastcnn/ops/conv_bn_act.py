@@ -71,13 +71,13 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
 _IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
 
 
-def _pair(name: str, value, minimum: int) -> Pair:
+def _pair(name: str, value, minimum: int, op: str = _OP) -> Pair:
     """An int or a pair of ints, each >= minimum, as a list of two."""
     pair = [value, value] if isinstance(value, int) else list(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"fastcnn.ops.{_OP}: {name} must be an int or two ints, got {value!r}")
+        raise TypeError(f"fastcnn.ops.{op}: {name} must be an int or two ints, got {value!r}")
     if min(pair) < minimum:
-        raise ValueError(f"fastcnn.ops.{_OP}: {name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"fastcnn.ops.{op}: {name} must be >= {minimum}, got {value!r}")
     return pair
 
 
