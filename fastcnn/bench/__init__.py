@@ -37,6 +37,18 @@ PRESETS = {
         providers="eager-cl,jit,compile,fastcnn-cpu",
     ),
 }
+# --precision int8: fastcnn.quantize against the int8 peers (fastcnn/bench/int8.py), with
+# fastcnn's own fp32 first as the reference (int8 outputs are checked against it loosely).
+INT8 = dict(
+    device="cpu",
+    model="resnet50,googlenet",
+    batch="1,8",
+    dtype="float32",
+    iters=10,
+    threads=2,
+    providers="fastcnn-cpu,fastcnn-int8,compile-int8,openvino-int8,onnxruntime-int8",
+)
+INT8_MATCH_TOLERANCE = 0.25  # int8 logits of random-weight models: SQNR ~30 dB
 DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
     "cpu": dict(
         model="resnet18,googlenet",
@@ -71,10 +83,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--preset", choices=list(PRESETS), help="cpu: fastcnn vs every CPU peer, resnet50+googlenet"
     )
+    parser.add_argument(
+        "--precision", choices=["fp32", "int8"], default="fp32",
+        help="int8: fastcnn.quantize vs Inductor/OpenVINO/ONNX Runtime int8, CPU",
+    )  # fmt: skip
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
     parser.add_argument("--out", type=Path, help="result folder (default fastcnn-bench/<time>)")
     args = parser.parse_args(argv)
-    for key, value in PRESETS.get(args.preset, {}).items():
+    defaults = INT8 if args.precision == "int8" else PRESETS.get(args.preset, {})
+    for key, value in defaults.items():
         if getattr(args, key) is None:  # an explicit argument still wins
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +264,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                         expected = y  # the first provider is the reference (eager by default)
                     scale = max(1.0, expected.abs().max().item())
                     row["max_rel_error"] = (y - expected).abs().max().item() / scale
-                    if not row["max_rel_error"] <= MATCH_TOLERANCE[dtype]:
+                    tolerance = MATCH_TOLERANCE[dtype]
+                    if provider.endswith("-int8"):
+                        tolerance = INT8_MATCH_TOLERANCE
+                    if not row["max_rel_error"] <= tolerance:
                         row["status"] = "output differs from the reference: not timed"
                         continue
                     timers[provider] = (_timer(fn, x, args), row)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 import fastcnn
+from fastcnn.bench.int8 import INT8_PROVIDERS, build_int8
 
 PROVIDERS = {
     "eager": "torchvision's model, NCHW",
@@ -20,6 +21,7 @@ PROVIDERS = {
     "compile": "torch.compile(model) with Inductor freezing, channels_last",
     "compile-max": "torch.compile(model, mode='max-autotune') with freezing (compiles slowly)",
     "jit": "torch.jit.freeze + optimize_for_inference of the traced model, channels_last",
+    **INT8_PROVIDERS,  # fastcnn/bench/int8.py: --precision int8
 }
 
 
@@ -61,6 +63,8 @@ def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Calla
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if provider == "eager-cl":
         return cl
+    if provider in INT8_PROVIDERS:
+        return build_int8(provider, cl, example)
     if provider.startswith("fastcnn"):
         backend = provider.partition("-")[2] or None
         return fastcnn.optimize(cl, backend=backend)

@@ -115,6 +115,17 @@ COLUMNS = {
         ("vs eager", "{speedup:.2f}x"),
         ("rel. error", "{max_rel_error:.1e}"),
     ],
+    "int8_accuracy": [
+        ("model", "{model}"),
+        ("data", "{data}"),
+        ("observer", "{observer}"),
+        ("fp32 top-1 %", "{fp32_top1:.2f}"),
+        ("int8 top-1 %", "{int8_top1:.2f}"),
+        ("points lost", "{points_lost:.2f}"),
+        ("agreement %", "{agreement:.2f}"),
+        ("logits SQNR dB", "{sqnr_db:.1f}"),
+        ("int8 convs", "{int8_convs}/{convs}"),
+    ],
     "measurements": [
         ("model", "{model}"),
         ("batch", "{batch}"),

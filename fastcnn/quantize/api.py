@@ -203,8 +203,8 @@ def _quantize_graph(fp: fx.GraphModule, batches, opts: _Options, report: Report)
             int8_convs -= failed
             quantized, qparams = qgraph.plan(fp, int8_convs, observed)
     reference_out = _run(fp, batches[0])
+    _report_convs(report, fp, int8_convs, errors, opts.tolerance)  # before build swaps them
     q = qgraph.build(fp, quantized, qparams, _qconv_factory(fp, opts))
-    _report_convs(report, fp, int8_convs, errors, opts.tolerance)
     in_place = qgraph.overwrite_dead_residuals(q)
     counts = qgraph.count_converters(q)
     report.notes.append(
