@@ -56,7 +56,7 @@ def quantize_weight(weight: torch.Tensor, weight_max: int = 127):
 class _QParamsModule(nn.Module):
     """A module whose quantization numbers live in its extra state."""
 
-    _QPARAMS: tuple[str, ...] = ()
+    _QPARAMS: tuple[str, ...] = ()  # attribute names; those ending in "qparams" are QParams
 
     def get_extra_state(self):
         return {name: getattr(self, name) for name in self._QPARAMS}
@@ -64,7 +64,11 @@ class _QParamsModule(nn.Module):
     def set_extra_state(self, state) -> None:
         for name in self._QPARAMS:
             value = state[name]
-            setattr(self, name, QParams(*value) if isinstance(value, (tuple, list)) else value)
+            if name.endswith("qparams"):
+                value = QParams(*value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            setattr(self, name, value)
 
 
 class Quantize(_QParamsModule):
@@ -94,17 +98,17 @@ class Requantize(_QParamsModule):
     """uint8 with one (scale, zero point) -> uint8 with another, through fp32 (e.g. a concat
     input whose producer could not write in the concat's shared scale)."""
 
-    _QPARAMS = ("source", "target")
+    _QPARAMS = ("source_qparams", "target_qparams")
 
     def __init__(self, source: QParams, target: QParams):
         super().__init__()
-        self.source, self.target = QParams(*source), QParams(*target)
+        self.source_qparams, self.target_qparams = QParams(*source), QParams(*target)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return quantize_tensor(dequantize_tensor(q, self.source), self.target)
+        return quantize_tensor(dequantize_tensor(q, self.source_qparams), self.target_qparams)
 
     def extra_repr(self) -> str:
-        return f"{self.source} -> {self.target}"
+        return f"{self.source_qparams} -> {self.target_qparams}"
 
 
 class QConvBNAct(_QParamsModule):
