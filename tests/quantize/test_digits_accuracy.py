@@ -14,7 +14,7 @@ import fastcnn
 
 pytest.importorskip("sklearn", reason="the digits data comes from scikit-learn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import digits  # noqa: E402
+import digits
 
 
 @pytest.mark.parametrize("name", list(digits.NETS))
