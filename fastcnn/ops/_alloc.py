@@ -14,14 +14,19 @@ import torch
 _poison: float | None = None
 
 
+def _fill(t: torch.Tensor) -> torch.Tensor:
+    # uint8 (int8 models) cannot hold NaN: a byte pattern no test input makes marks it instead
+    return t.fill_(_poison if t.is_floating_point() else 0xA5)
+
+
 def empty(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     t = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
-    return t if _poison is None else t.fill_(_poison)
+    return t if _poison is None else _fill(t)
 
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     t = torch.empty_like(x)
-    return t if _poison is None else t.fill_(_poison)
+    return t if _poison is None else _fill(t)
 
 
 @contextlib.contextmanager
