@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import fastcnn
-from fastcnn.bench.results import environment, machine, time_interleaved, write_results
+from fastcnn.bench.results import ResultFile, time_interleaved
 
 SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -54,7 +54,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_add_relu: --device cuda needs a CUDA GPU (or pass --device cpu)")
-    rows = []
+    results = ResultFile(
+        args.out,
+        "add_relu",
+        "add_relu",
+        f"channels_last; median of {args.iters} calls, providers interleaved; "
+        "eager = torch.relu(x + r)",
+        device=args.device,
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for shape in SHAPES:
@@ -71,7 +78,7 @@ def main() -> None:
                 torch.testing.assert_close(fn(), expected, rtol=0, atol=0)
             times = time_interleaved(fns, args.iters, warmup=10)  # round-robin, call by call
             for name, ms in times.items():
-                rows.append(
+                results.add(
                     {
                         "dtype": dtype_name,
                         "shape": list(shape),
@@ -83,17 +90,7 @@ def main() -> None:
                     }
                 )
             del x, r, expected
-    env = environment()
-    table = write_results(
-        args.out,
-        "add_relu",
-        rows,
-        env,
-        f"add_relu on {machine(env, args.device)}",
-        f"channels_last; median of {args.iters} calls, providers interleaved; "
-        "eager = torch.relu(x + r)",
-    )
-    print(table)
+    print(results.finish())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcnn
-from fastcnn.bench.results import environment, machine, time_interleaved, write_results
+from fastcnn.bench.results import ResultFile, time_interleaved
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -140,31 +140,31 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=300, help="stop adding layers after")
+    parser.add_argument("--limit", type=int, help="measure only the first N distinct layers")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True, help="JSON result file to write")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_conv: --device cuda needs a CUDA GPU (or pass --device cpu)")
-    start = time.perf_counter()
-    rows: list[dict] = []
-    layers = distinct_convs(args.models.split(","))
-    for i, entry in enumerate(layers):
-        if time.perf_counter() - start > args.max_seconds:
-            print(f"bench_conv: time budget spent after {i} of {len(layers)} layers")
-            break
-        rows += bench_layer(entry, args.batch, DTYPES[args.dtype], args.iters, args.device)
-        print(f"[{i + 1}/{len(layers)}] {entry['layer']}", flush=True)
-    env = environment()
-    table = write_results(
+    results = ResultFile(
         args.out,
         "conv",
-        rows,
-        env,
-        f"conv+BN+ReLU on {machine(env, args.device)}",
+        "conv+BN+ReLU",
         f"batch {args.batch}, {args.dtype}, channels_last; median of {args.iters} calls; "
         "speedup = eager ms / fastcnn ms; fastcnn_vs_cublas = cuBLAS ms / fastcnn ms (1x1 only)",
+        device=args.device,
     )
-    print(table)
+    start = time.perf_counter()
+    layers = distinct_convs(args.models.split(","))[: args.limit]
+    stopped = "yes"
+    for i, entry in enumerate(layers):
+        if time.perf_counter() - start > args.max_seconds:
+            stopped = f"no: --max-seconds spent after {i} of {len(layers)} layers"
+            print(f"bench_conv: time budget spent after {i} of {len(layers)} layers")
+            break
+        results.add(*bench_layer(entry, args.batch, DTYPES[args.dtype], args.iters, args.device))
+        print(f"[{i + 1}/{len(layers)}] {entry['layer']}", flush=True)
+    print(results.finish(stopped))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torchvision.models.googlenet import Inception
 
 import fastcnn
 from fastcnn.bench.providers import randomize_batchnorm
-from fastcnn.bench.results import environment, machine, time_interleaved, write_results
+from fastcnn.bench.results import ResultFile, time_interleaved
 from fastcnn.models.googlenet import INCEPTION_CONFIGS as CONFIGS
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -40,16 +40,27 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--limit", type=int, help="measure only the first N blocks")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_inception: --device cuda needs a CUDA GPU (or pass --device cpu)")
     dtype = DTYPES[args.dtype]
+    results = ResultFile(
+        args.out,
+        "inception",
+        "Inception blocks",
+        f"batch {args.batch}, {args.dtype}, channels_last, inference_mode; median of "
+        f"{args.iters} calls, providers interleaved; speedup vs torchvision's eager block; "
+        "fastcnn = the auto backend (Triton on a GPU), fastcnn-cuda = the extension's",
+        device=args.device,
+    )
     start = time.perf_counter()
-    rows = []
-    for name, (config, size) in CONFIGS.items():
+    stopped = "yes"
+    for name, (config, size) in list(CONFIGS.items())[: args.limit]:
         if time.perf_counter() - start > args.max_seconds:
+            stopped = f"no: --max-seconds spent before block {name}"
             print(f"bench_inception: time budget spent before block {name}")
             break
         block = make_block(config, dtype, args.device)
@@ -72,7 +83,7 @@ def main() -> None:
                 {p: (lambda f=fn, x=x: f(x)) for p, fn in providers.items()}, args.iters
             )
             for provider, ms in times.items():
-                rows.append(
+                results.add(
                     {
                         "block": name,
                         "provider": provider,
@@ -82,18 +93,7 @@ def main() -> None:
                     }
                 )
                 print(f"{name} {provider}: {ms:.3f} ms", flush=True)
-    env = environment()
-    table = write_results(
-        args.out,
-        "inception",
-        rows,
-        env,
-        f"Inception blocks on {machine(env, args.device)}",
-        f"batch {args.batch}, {args.dtype}, channels_last, inference_mode; median of "
-        f"{args.iters} calls, providers interleaved; speedup vs torchvision's eager block; "
-        "fastcnn = the auto backend (Triton on a GPU), fastcnn-cuda = the extension's",
-    )
-    print(table)
+    print(results.finish(stopped))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 With no arguments it runs a short comparison on this machine's device (a few minutes on a CPU).
 Every provider's output is checked against eager before it is timed; a provider that disagrees
-is reported, not timed. Writes DIR/results.json (environment + every measurement),
-DIR/results.md and DIR/throughput.png.
+is reported, not timed. Writes DIR/results.json (environment + every measurement) and
+DIR/results.md after every measured (workload, batch), so a run stopped early keeps what it
+measured, and DIR/throughput.png at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from fastcnn.bench.ops import OPS
 from fastcnn.bench.providers import PROVIDERS, build, channels_last, make_model
-from fastcnn.bench.results import environment, machine, time_interleaved, write_results
+from fastcnn.bench.results import ResultFile, time_interleaved
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlenet"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="int8: fastcnn.quantize vs Inductor/OpenVINO/ONNX Runtime int8, CPU",
     )  # fmt: skip
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="start no new (workload, batch) after this many seconds; the results say so",
+    )
     parser.add_argument("--out", type=Path, help="result folder (default fastcnn-bench/<time>)")
     args = parser.parse_args(argv)
     defaults = INT8 if args.precision == "int8" else PRESETS.get(args.preset, {})
@@ -227,78 +233,103 @@ def _compare_with_best_peer(group: list[dict]) -> None:
             r["vs_best_peer"] = min(peers) / r["ms"]
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, results: ResultFile | None = None) -> list[dict]:
+    """Measure every (workload, batch, provider); each finished (workload, batch) is added to
+    `results` at once (a partial file survives a run that is stopped)."""
     dtype = DTYPES[args.dtype]
     rows: list[dict] = []
     names = args.ops or args.models
     build_s: dict = {}
     progress = Progress(len(names) * len(args.batches) * len(args.provider_list))
+    start = time.perf_counter()
+    args.stopped_early = None
     with torch.inference_mode():
         for name, built, make_input in _workloads(args, dtype, build_s):
             for batch in args.batches:
-                expected = None
-                timers: dict = {}  # provider -> (callable to time, its row)
-                for provider, fn in built.items():
-                    progress.step(f"{name} b{batch} {provider}")
-                    row = {
-                        "model": name,
-                        "batch": batch,
-                        "dtype": args.dtype,
-                        "provider": provider,
-                        "device": args.device,
-                    }
-                    rows.append(row)
-                    if isinstance(fn, Exception):
-                        row["status"] = f"unavailable: {fn}"
-                        continue
-                    x = make_input(batch, provider)
-                    start = time.perf_counter()
-                    try:
-                        y = fn(x).float()  # the first call compiles, tunes or packs weights
-                    except Exception as exc:
-                        row["status"] = f"failed: {type(exc).__name__}: {exc}"
-                        continue
-                    # building + the first call at this batch: what a user waits for once
-                    row["setup_s"] = time.perf_counter() - start + build_s.pop((name, provider), 0)
-                    if expected is None:
-                        expected = y  # the first provider is the reference (eager by default)
-                    scale = max(1.0, expected.abs().max().item())
-                    row["max_rel_error"] = (y - expected).abs().max().item() / scale
-                    tolerance = MATCH_TOLERANCE[dtype]
-                    if provider.endswith("-int8"):
-                        tolerance = INT8_MATCH_TOLERANCE
-                    if not row["max_rel_error"] <= tolerance:
-                        row["status"] = "output differs from the reference: not timed"
-                        continue
-                    timers[provider] = (_timer(fn, x, args), row)
-                group = rows[-len(built) :]
-                _time_group(timers, args.iters, batch)
-                _compare_with_best_peer(group)
+                if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+                    args.stopped_early = (
+                        f"--max-seconds {args.max_seconds:g} spent before {name} b{batch}"
+                    )
+                    break
+                group = _measure_group(
+                    args, name, built, make_input, batch, dtype, build_s, progress
+                )
+                rows += group
+                if results is not None:
+                    results.add(*group)
+            if args.stopped_early:
+                break
     progress.close()
     return rows
+
+
+def _measure_group(args, name, built, make_input, batch, dtype, build_s, progress) -> list[dict]:
+    """The rows of one (workload, batch): every provider checked against the first, then the
+    checked ones timed together."""
+    group: list[dict] = []
+    expected = None
+    timers: dict = {}  # provider -> (callable to time, its row)
+    for provider, fn in built.items():
+        progress.step(f"{name} b{batch} {provider}")
+        row = {
+            "model": name,
+            "batch": batch,
+            "dtype": args.dtype,
+            "provider": provider,
+            "device": args.device,
+        }
+        group.append(row)
+        if isinstance(fn, Exception):
+            row["status"] = f"unavailable: {fn}"
+            continue
+        x = make_input(batch, provider)
+        start = time.perf_counter()
+        try:
+            y = fn(x).float()  # the first call compiles, tunes or packs weights
+        except Exception as exc:
+            row["status"] = f"failed: {type(exc).__name__}: {exc}"
+            continue
+        # building + the first call at this batch: what a user waits for once
+        row["setup_s"] = time.perf_counter() - start + build_s.pop((name, provider), 0)
+        if expected is None:
+            expected = y  # the first provider is the reference (eager by default)
+        scale = max(1.0, expected.abs().max().item())
+        row["max_rel_error"] = (y - expected).abs().max().item() / scale
+        tolerance = MATCH_TOLERANCE[dtype]
+        if provider.endswith("-int8"):
+            tolerance = INT8_MATCH_TOLERANCE
+        if not row["max_rel_error"] <= tolerance:
+            row["status"] = "output differs from the reference: not timed"
+            continue
+        timers[provider] = (_timer(fn, x, args), row)
+    _time_group(timers, args.iters, batch)
+    _compare_with_best_peer(group)
+    return group
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args)
-    env = environment()
-    env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     reference = args.provider_list[0]
-    table = write_results(
+    results = ResultFile(
         args.out / "results.json",
         "measurements",
-        rows,
-        env,
-        f"fastcnn-bench on {machine(env, args.device)}",
+        "fastcnn-bench",
         f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls "
         "(providers interleaved call by call)"
         f"{', CUDA graphs' if args.cuda_graphs else ''}; speedup vs {reference}",
+        device=args.device,
     )
+    results.env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = run(args, results)
+    table = results.finish(args.stopped_early or "yes")
     from fastcnn.bench.plot import plot_throughput
 
-    plot_throughput(rows, args.out / "throughput.png", env, args)
+    if rows:
+        plot_throughput(rows, args.out / "throughput.png", results.env, args)
     print(table)
+    if args.stopped_early:
+        print(f"stopped early: {args.stopped_early}")
     print(f"wrote {args.out}/results.json, results.md, throughput.png")
     return 0 if all(r.get("status") == "ok" or "unavailable" in r["status"] for r in rows) else 1

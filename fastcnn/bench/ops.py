@@ -37,7 +37,7 @@ def _module(op: str) -> torch.nn.Module:
     return model_providers.randomize_batchnorm(module).eval()
 
 
-def _add_relu_providers(provider_list, residual_for) -> dict:
+def _add_relu_providers(provider_list, residual_for, device: str) -> dict:
     def eager(x):
         return torch.relu(x + residual_for(x))
 
@@ -53,7 +53,12 @@ def _add_relu_providers(provider_list, residual_for) -> dict:
         if provider in ("eager", "eager-cl"):
             built[provider] = eager
         elif provider.startswith("fastcnn"):
-            built[provider] = fused(provider.partition("-")[2] or "auto")
+            try:
+                backend = model_providers.fastcnn_backend(provider, device) or "auto"
+            except RuntimeError as exc:
+                built[provider] = exc
+                continue
+            built[provider] = fused(backend)
         elif provider.startswith("compile"):
             built[provider] = torch.compile(eager)
         else:
@@ -86,7 +91,7 @@ def op_workload(op: str, provider_list: list[str], dtype: torch.dtype, device: s
         def residual_for(x):
             return residual(tuple(x.shape))
 
-        return op, _add_relu_providers(provider_list, residual_for), make_input
+        return op, _add_relu_providers(provider_list, residual_for, device), make_input
     module = _module(op).to(device, dtype)
     example = make_input(1, "eager-cl")
     built = {}

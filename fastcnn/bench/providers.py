@@ -56,6 +56,18 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Modul
     return model
 
 
+def fastcnn_backend(provider: str, device: str) -> str | None:
+    """The backend a fastcnn-* provider pins (None for "fastcnn": auto). Raises RuntimeError
+    with the reason when that backend cannot run `device` tensors here, so the provider is
+    reported unavailable instead of failing at its first call."""
+    backend = provider.partition("-")[2] or None
+    if backend is not None:
+        status = fastcnn._backend.backend_status(backend, device)
+        if not status:
+            raise RuntimeError(f"backend {backend!r} cannot run {device} tensors: {status.reason}")
+    return backend
+
+
 def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Callable:
     """A callable for `provider` (see PROVIDERS); model is left unchanged."""
     if provider == "eager":
@@ -66,15 +78,16 @@ def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Calla
     if provider in INT8_PROVIDERS:
         return build_int8(provider, cl, example)
     if provider.startswith("fastcnn"):
-        backend = provider.partition("-")[2] or None
-        return fastcnn.optimize(cl, backend=backend)
+        return fastcnn.optimize(cl, backend=fastcnn_backend(provider, example.device.type))
     if provider in ("compile", "compile-max"):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
         torch._dynamo.reset()
         mode = "max-autotune" if provider == "compile-max" else None
-        return torch.compile(cl, mode=mode)
+        # dynamic=False: one static graph per batch size, as a deployment compiles it (the
+        # default would recompile with dynamic shapes at the second batch size)
+        return torch.compile(cl, mode=mode, dynamic=False)
     if provider == "jit":
         traced = torch.jit.trace(cl, example, check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))

@@ -161,13 +161,21 @@ def table_lines(kind: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write path atomically (a temporary beside it, then rename): a reader, or a process killed
+    mid-write, never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_results(
     path: Path, kind: str, rows: list[dict], env: dict, title: str, notes: str
 ) -> str:
-    """Write path (JSON: environment + rows under `kind`) and path.md (its table); return the
-    table."""
+    """Write path (JSON: environment + rows under `kind`) and path.md (its table), each
+    atomically; return the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, kind: rows}, indent=1))
+    _replace_text(path, json.dumps({"environment": env, kind: rows}, indent=1))
     lines = [
         f"# {title} ({env['date']}, commit {env['git commit'][:12]})",
         "",
@@ -176,5 +184,39 @@ def write_results(
         *table_lines(kind, rows),
     ]
     table = "\n".join(lines) + "\n"
-    path.with_suffix(".md").write_text(table)
+    _replace_text(path.with_suffix(".md"), table)
     return table
+
+
+class ResultFile:
+    """A result file (JSON + its Markdown table) that is valid after every row: each add()
+    rewrites both atomically, so a benchmark killed by a time limit leaves everything it measured
+    so far. The environment's "complete" entry says "no" until finish() is called.
+
+        results = ResultFile(path, "conv", title, notes)
+        for layer in layers:
+            results.add(*measure(layer))
+        print(results.finish())
+    """
+
+    def __init__(self, path: Path, kind: str, title: str, notes: str, device: str = "cpu"):
+        self.path, self.kind, self.notes = Path(path), kind, notes
+        self.env = environment()
+        self.title = f"{title} on {machine(self.env, device)}"
+        self.env["complete"] = "no (partial: still running, or stopped by a time limit)"
+        self.rows: list[dict] = []
+        self.table = self._write()
+
+    def add(self, *rows: dict) -> None:
+        self.rows.extend(rows)
+        self.table = self._write()
+
+    def finish(self, note: str = "yes") -> str:
+        """Mark the file complete (or say why not, e.g. a budget that stopped it) and return
+        its table."""
+        self.env["complete"] = note
+        self.table = self._write()
+        return self.table
+
+    def _write(self) -> str:
+        return write_results(self.path, self.kind, self.rows, self.env, self.title, self.notes)
