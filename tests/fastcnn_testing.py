@@ -52,6 +52,13 @@ def skip_unsupported(device: str, backend: str, dtype: torch.dtype) -> None:
         pytest.fail(f"backend {backend!r} should run {device} tensors here but: {status.reason}")
 
 
+def skip_unless_available(backend: str) -> None:
+    """Skip when `backend` runs no tensors on this machine (use_backend would refuse it): e.g.
+    "triton" on a machine with neither a GPU nor TRITON_INTERPRET=1."""
+    if not any(fastcnn._backend.backend_status(backend, d) for d in ("cpu", "cuda")):
+        pytest.skip(f"backend {backend!r} cannot run here")
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN (same shape, dtype, device, strides as t): any element a
     kernel forgets to write stays NaN and fails the comparison."""

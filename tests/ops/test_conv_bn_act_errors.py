@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastcnn_testing import skip_unless_available
 
 import fastcnn
 
@@ -41,6 +42,7 @@ def call(**overrides):
     ],
 )
 def test_bad_input(backend, overrides, error, message):
+    skip_unless_available(backend)
     with fastcnn.use_backend(backend), pytest.raises(error, match=message):
         call(**overrides)
 
