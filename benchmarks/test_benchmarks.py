@@ -32,7 +32,7 @@ def _synced(fn, x):
 @pytest.mark.parametrize("provider", OP_PROVIDERS)
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, op, provider, batch):
-    _, built, make_input = op_workload(op, [provider], DTYPE, DEVICE)
+    _, built, make_input, _ = op_workload(op, [provider], DTYPE, DEVICE, torch.float64)
     with torch.inference_mode():
         benchmark(_synced(built[provider], make_input(batch, provider)))
 

@@ -66,9 +66,11 @@ def _add_relu_providers(provider_list, residual_for, device: str) -> dict:
     return built
 
 
-def op_workload(op: str, provider_list: list[str], dtype: torch.dtype, device: str):
+def op_workload(
+    op: str, provider_list: list[str], dtype: torch.dtype, device: str, precise: torch.dtype
+):
     """(op, {provider: a callable, or the exception that prevented one}, make_input(batch,
-    provider))."""
+    provider), reference(x): the op in the `precise` dtype)."""
     channels, h, w = _SHAPES[op]
     g = torch.Generator().manual_seed(0)
 
@@ -91,8 +93,12 @@ def op_workload(op: str, provider_list: list[str], dtype: torch.dtype, device: s
         def residual_for(x):
             return residual(tuple(x.shape))
 
-        return op, _add_relu_providers(provider_list, residual_for, device), make_input
+        def reference(x):
+            return torch.relu(x.to(precise) + residual_for(x).to(precise))
+
+        return op, _add_relu_providers(provider_list, residual_for, device), make_input, reference
     module = _module(op).to(device, dtype)
+    precise_module = _module(op).to(device, dtype).to(precise)  # the same rounded weights
     example = make_input(1, "eager-cl")
     built = {}
     for provider in provider_list:
@@ -100,4 +106,4 @@ def op_workload(op: str, provider_list: list[str], dtype: torch.dtype, device: s
             built[provider] = model_providers.build(provider, module, example)
         except Exception as exc:  # e.g. a backend that cannot run here: report, go on
             built[provider] = exc
-    return op, built, make_input
+    return op, built, make_input, lambda x: precise_module(x.to(precise))
