@@ -2,12 +2,15 @@
 // themselves per dispatch key in cpu/*.cpp and cuda/*.cu) and build_info() for collect_env.
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace fastcnn {
 #ifdef FASTCNN_WITH_CUDA
-std::string cuda_arch_list();  // cuda/build_info.cu
-bool with_cublaslt();          // cuda/build_info.cu
+std::string cuda_arch_list();            // cuda/build_info.cu
+bool with_cublaslt();                    // cuda/build_info.cu
+std::vector<int64_t> take_conv_paths();  // cuda/conv_bn_act.cu
 #endif
 }  // namespace fastcnn
 
@@ -35,6 +38,15 @@ TORCH_LIBRARY(fastcnn_ext, m) {
 #define FASTCNN_STR(x) FASTCNN_STR2(x)
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The paths (fastcnn::ConvPath numbers) of this thread's CUDA convolutions since the last
+  // call, oldest first, at most 16; read by fastcnn.ops while a fastcnn.trace() records.
+  m.def("take_conv_paths", [] {
+#ifdef FASTCNN_WITH_CUDA
+    return fastcnn::take_conv_paths();
+#else
+    return std::vector<int64_t>{};
+#endif
+  });
   m.def("build_info", [] {
     pybind11::dict info;
 #ifdef FASTCNN_WITH_CUDA

@@ -5,12 +5,37 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "conv_cuda.h"
 #include "nhwc_rows.h"
 
 namespace fastcnn {
+
+namespace {
+thread_local std::array<int64_t, kPathHistory> path_ring{};
+thread_local int64_t paths_recorded = 0;  // since the last take_conv_paths()
+}  // namespace
+
+void record_conv_path(ConvPath path) {
+  path_ring[paths_recorded % kPathHistory] = static_cast<int64_t>(path);
+  ++paths_recorded;
+}
+
+std::vector<int64_t> take_conv_paths() {
+  const int64_t n = std::min<int64_t>(paths_recorded, kPathHistory);
+  std::vector<int64_t> paths;
+  paths.reserve(n);
+  for (int64_t i = paths_recorded - n; i < paths_recorded; ++i) {
+    paths.push_back(path_ring[i % kPathHistory]);
+  }
+  paths_recorded = 0;
+  return paths;
+}
 
 void conv_bn_act_into(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -20,7 +45,10 @@ void conv_bn_act_into(const at::Tensor& x, const at::Tensor& weight,
                     stride[1] == 1 && padding[0] == 0 && padding[1] == 0;
   // A 1x1 GEMM reads x through its row stride (a channel slice needs no copy); cuDNN wants a
   // dense channels_last input to pick its NHWC kernels.
-  if (gemm && nhwc_rows(x) && cublaslt_conv1x1_out(x, weight, bias, residual, relu, out)) return;
+  const ConvPath path =
+      gemm ? cublaslt_conv1x1_out(x, weight, bias, residual, relu, out) : ConvPath::kCudnn;
+  record_conv_path(path);
+  if (path == ConvPath::kCublasLt) return;
   const at::Tensor y =
       at::conv2d(x.contiguous(at::MemoryFormat::ChannelsLast),
                  weight.contiguous(at::MemoryFormat::ChannelsLast), {}, stride, padding);

@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
-from fastcnn.ops import _alloc, _checks
+from fastcnn.ops import _alloc, _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 
 _OP = "conv_bn_act"
 Pair = list[int]
+# The kernels ("backend:kernel" as fastcnn.trace reports them) whose fused ReLU maps NaN to 0;
+# every other path propagates NaN as torch.relu does.
+NAN_TO_ZERO_KERNELS = frozenset({"cpu:onednn", "cuda:cublaslt"})
 
 
 def _reference(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
@@ -43,11 +46,16 @@ def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, r
 
 
 def _cuda_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
-    """The extension: cuBLASLt (1x1, epilogue fused) or cuDNN + one epilogue pass."""
-    _trace.record(_OP, "cuda", "extension")
+    """The extension: cuBLASLt (1x1, epilogue fused) or cuDNN + one epilogue pass; the trace
+    gets the path it took and, for a 1x1 conv that missed cuBLASLt, why."""
     if out is None:
         out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
+    tracing = _trace.active()
+    if tracing:
+        _extension_paths.take()  # forget paths of untraced calls
     _extension_cuda(x, weight, bias, stride, padding, residual, relu, out)
+    if tracing:
+        _trace.record(_OP, "cuda", *_extension_paths.summary(_extension_paths.take()))
     return out
 
 
@@ -213,8 +221,13 @@ def conv_bn_act(
     stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs
     through cuDNN plus one epilogue pass), "cpu" (one oneDNN primitive with
     bias/residual/ReLU post-ops and prepacked weights; fp32, and bf16/fp16 where the CPU has
-    them, else the reference), "eager". NaN propagates as in torch everywhere except through
-    the "cpu" backend's fused ReLU, which (as oneDNN and Inductor's CPU path do) maps NaN to 0.
+    them, else the reference), "eager".
+
+    NaN: with relu=False a NaN reaches the output on every path. Through the fused ReLU it
+    depends on the kernel (NAN_TO_ZERO_KERNELS; fastcnn.trace() says which ran): Triton's
+    implicit GEMM, the extension's cuDNN + epilogue pass and the eager reference propagate NaN,
+    as torch.relu does; cuBLASLt's ReLU epilogue (the "cuda" backend's 1x1 stride-1 convs) and
+    oneDNN's ReLU post-op (the "cpu" backend, as in Inductor's CPU path) map NaN to 0.
     """
     for name, t in (("x", x), ("weight", weight)):
         _checks.check_tensor(_OP, name, t)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
-from fastcnn.ops import _checks
+from fastcnn.ops import _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 from fastcnn.ops.conv_bn_act import as_result, new_output
@@ -49,11 +49,16 @@ def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
 
 
 def _cuda_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
-    """The extension (csrc/cuda/inception.cu): cuBLASLt/cuDNN convs into the output's slices."""
-    _trace.record(_OP, "cuda", "extension")
+    """The extension (csrc/cuda/inception.cu): cuBLASLt/cuDNN convs into the output's slices;
+    the trace gets how many convs took each path ("4 cublaslt + 2 cudnn+epilogue")."""
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
+    tracing = _trace.active()
+    if tracing:
+        _extension_paths.take()  # forget paths of untraced calls
     _extension_cuda(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
+    if tracing:
+        _trace.record(_OP, "cuda", *_extension_paths.summary(_extension_paths.take()))
     return out
 
 
