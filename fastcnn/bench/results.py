@@ -108,6 +108,12 @@ COLUMNS = {
         ("vs eager", "{speedup:.2f}x"),
         ("vs cuBLAS", "{fastcnn_vs_cublas:.2f}"),
     ],
+    "host_overhead": [
+        ("backend", "{backend}"),
+        ("dtype", "{dtype}"),
+        ("call", "{what}"),
+        ("host µs", "{us:.1f}"),
+    ],
     "inception": [
         ("block", "{block}"),
         ("provider", "{provider}"),

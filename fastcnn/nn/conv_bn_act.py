@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn import _backend, ops
+from fastcnn import _backend, _trace, ops
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import can_skip_dispatcher
+from fastcnn.ops.conv_bn_act import plan as plan_conv
 
 
 class ConvBNAct(nn.Module):
@@ -57,6 +59,9 @@ class ConvBNAct(nn.Module):
         )
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", torch.zeros(out_channels, device=device, dtype=dtype))
+        # Launch plans per input layout and backend (fastcnn.ops.conv_bn_act.plan): checks and
+        # backend pick done once, later calls only launch.
+        self._plans: dict = {}
 
     @staticmethod
     def unsupported_reason(conv: nn.Conv2d) -> str | None:
@@ -119,6 +124,15 @@ class ConvBNAct(nn.Module):
         return self._run(x, residual, out)
 
     def _run(self, x, residual, out) -> torch.Tensor:
+        # The planned path: plain tensors, no out=, no trace recording (a trace wants each
+        # call's backend pick, fallbacks included).
+        if out is None and can_skip_dispatcher(x, residual) and not _trace.active():
+            run = self._planned(x, residual)
+            if run is not None:
+                if self.overwrite_residual and residual is not None:
+                    _checks.check_no_overlap("conv_bn_act", residual, x=x)
+                    return run(x, self.weight, self.bias, residual, residual)
+                return run(x, self.weight, self.bias, residual, None)
         if self.overwrite_residual and out is None and can_skip_dispatcher(x, residual):
             # Only outside tracing/compiling: there the op must stay functional.
             out = residual
@@ -134,6 +148,22 @@ class ConvBNAct(nn.Module):
             out=out,
             dilation=self.dilation,
         )
+
+    def _planned(self, x, residual):
+        w, b = self.weight, self.bias
+        in_place = self.overwrite_residual and residual is not None
+        key = (
+            x.shape, x.stride(), x.dtype, x.device, w.dtype, w.device, b.dtype, b.device,
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                           residual.device),
+            in_place, _backend.get_backend(),
+        )  # fmt: skip
+        run = self._plans.get(key)
+        if run is None:
+            args = (self.stride, self.padding, self.groups, self.dilation, residual, self.relu)
+            run = plan_conv(x, w, b, *args, in_place=in_place) or False
+            self._plans[key] = run
+        return run or None
 
     def extra_repr(self) -> str:
         return (

@@ -33,9 +33,12 @@ def can_skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
 def triton_kernel(module: str, function: str) -> Callable:
     """The launcher fastcnn.triton.<module>.<function>, imported when first called."""
 
+    found = []  # the launcher, once imported
+
     def run(*args, **kwargs):
-        launcher = getattr(importlib.import_module(f"fastcnn.triton.{module}"), function)
-        return launcher(*args, **kwargs)
+        if not found:
+            found.append(getattr(importlib.import_module(f"fastcnn.triton.{module}"), function))
+        return found[0](*args, **kwargs)
 
     run.__qualname__ = f"triton:{module}.{function}"
     return run

@@ -41,7 +41,7 @@ def _triton_impl(x, weight, bias, stride, padding, groups, dilation, residual, r
     _trace.record(_OP, "triton", "implicit_gemm")
     if out is None:
         out = _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu)
-    _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu)
+    _triton(x, weight, bias, residual, out, tuple(stride), tuple(padding), relu, groups=groups)
     return out
 
 
@@ -77,6 +77,9 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
 
 
 _IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
+# The implementations with a grouped kernel (one GEMM per group); other backends run grouped
+# convolutions through the reference.
+_GROUPED_IMPLS = {_triton_impl}
 
 
 def _pair(name: str, value, minimum: int, op: str = _OP) -> Pair:
@@ -163,17 +166,15 @@ def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out
             _checks.check_no_partial_overlap(_OP, out, residual=residual)
             if _checks.same_view(out, residual):
                 residual = out  # one object, so that backends can tell an in-place call
-    if groups != 1 or dilation != [1, 1]:
-        why = "groups > 1 and dilation != 1 have no fused kernel"
+    impl = _backend.pick(_OP, x.device, _IMPLS) if dilation == [1, 1] else None
+    if impl is None or (groups != 1 and impl not in _GROUPED_IMPLS):
+        why = "groups > 1 and dilation != 1 have no fused kernel (grouped: Triton's only)"
         _backend.note_once(
             (_OP, "groups/dilation"),
-            f"fastcnn.ops.{_OP}: {why}; such convolutions run the eager reference (whatever "
-            "the backend)",
+            f"fastcnn.ops.{_OP}: {why}; such convolutions run the eager reference",
         )
         _trace.record(_OP, "eager", "reference", why)
         impl = _reference
-    else:
-        impl = _backend.pick(_OP, x.device, _IMPLS)
     return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
 
 
@@ -185,6 +186,47 @@ _op = FusedOp(
     _allocate,
     _run,
 )
+
+
+def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_place=False):
+    """conv_bn_act planned for every later call whose tensors have these tensors' metadata
+    (shapes, strides, dtypes, devices) under the same backend choice: the argument checks and
+    the backend pick run now, and the returned run(x, weight, bias, residual, out) only
+    launches (out: None, or the residual itself when in_place). None when such calls need the
+    full path (groups/dilation: the reference with its note). fastcnn.nn.ConvBNAct keeps one
+    per input layout, so a batch-1 forward pays no per-call checks."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None:
+            _checks.check_tensor(_OP, name, t)
+    args = (
+        x,
+        weight,
+        bias,
+        _pair("stride", stride, 1),
+        _pair("padding", padding, 0),
+        groups,
+        _pair("dilation", dilation, 1),
+        residual,
+        relu,
+    )
+    _validate(*args, residual if in_place else None)
+    if args[6] != [1, 1]:
+        return None
+    impl = _backend.pick(_OP, x.device, _IMPLS)
+    if groups != 1 and impl not in _GROUPED_IMPLS:
+        return None
+    stride, padding, dilation = args[3], args[4], args[6]
+    # the GPU kernels write into a buffer allocated here (oneDNN and eager make their own)
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    allocate = impl in (_triton_impl, _cuda_impl)
+    options = {"dtype": x.dtype, "device": x.device, "memory_format": memory_format_of(x)}
+
+    def run(x, weight, bias, residual, out):
+        if out is None and allocate:
+            out = torch.empty(shape, **options)
+        return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+
+    return run
 
 
 def conv_bn_act(
@@ -215,7 +257,8 @@ def conv_bn_act(
     of a larger channels_last tensor (only those channels are written); it must not overlap x,
     weight or bias. It may be the residual itself (in place: ResNet's shortcut dies at the add,
     so its buffer can take the result; fastcnn.optimize does this where the graph shows it
-    safe). groups > 1 and dilation != 1 run the eager reference (with a one-time note).
+    safe). groups > 1 runs one GEMM per group on the "triton" backend; dilation != 1, and
+    groups > 1 on the other backends, run the eager reference (with a one-time note).
 
     Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cuda" (the extension: 1x1
     stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs

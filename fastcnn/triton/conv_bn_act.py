@@ -6,12 +6,17 @@ padding) and its [BLOCK_K, BLOCK_N] weight tile through the weight's strides, ac
 with tl.dot, then in the epilogue adds the bias and the residual tile, applies ReLU, casts, and
 does the only store, through out's strides (so out may be a channel slice of a larger tensor).
 
-Two K orders, chosen per call:
-- per tap (FLAT_K=False): loop over the KH*KW taps, then over Cin in BLOCK_K chunks. Row masks
-  (padding) are computed once per tap and the channel loads are contiguous in NHWC. A 1x1 stride-1
-  conv is exactly the GEMM [N*H*W, Cin] x [Cin, Cout].
+Two K orders, chosen per call, each ONE loop (so Triton's pipeliner prefetches across taps: a
+3x3 conv with 64 input channels and BLOCK_K 64 has 9 pipelined iterations, not 1 per tap):
+- per tap (FLAT_K=False): iteration i is channel chunk i % n_chunks of tap i // n_chunks; the
+  channel loads are contiguous in NHWC. A 1x1 stride-1 conv is exactly the GEMM [N*H*W, Cin] x
+  [Cin, Cout].
 - flat (FLAT_K=True): K walked as one (kh, kw, cin) index, for small Cin (the 7x7 stem has 3
   channels), where per-tap chunks of BLOCK_K would be mostly padding.
+
+Grouped convolutions (depthwise included) run one GEMM per group in the same launch: the
+grid's second axis is the group, and each program offsets x, the weight, bias, residual and
+out by its group's channels.
 
 Two extras serve the fused Inception block (fastcnn/ops/inception.py):
 - POOL=P (1x1 convs only): the input tile is the max over a PxP window (stride 1, padding P//2)
@@ -23,6 +28,8 @@ Two extras serve the fused Inception block (fastcnn/ops/inception.py):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -32,19 +39,22 @@ import triton.language as tl
 from fastcnn.triton._common import interpreting
 
 # Hopper-leaning configs (H100/H200): large tiles with 3-4 stages feed wgmma; smaller ones cover
-# narrow layers (Cout 16-64) and small M. Keyed on the GEMM shape, tuned once per process.
+# narrow layers (Cout 16-64) and small M. Keyed on the GEMM shape, tuned once per GPU and kept.
+# fastcnn.triton.compile_check compiles each for sm_80 and sm_90: none spills registers (a
+# 128x128 fp32 accumulator needs 8 warps: with 4, or a 128x256 tile with 8, it spills), and
+# configs over a GPU's shared memory are pruned there (configs_that_fit).
 _GPU_CONFIGS = [
     triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
     )
     for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (64, 256, 64, 8, 3),
         (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 4),
         (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
+        (128, 128, 32, 8, 4),
         (64, 32, 32, 4, 5),
         (32, 64, 32, 4, 5),
     ]
@@ -94,6 +104,14 @@ def _conv_bn_act_kernel(
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
+    # A grouped convolution is one GEMM per group in the same launch: program_id(1) is the
+    # group, C_IN and N_OUT its own channel counts, its channels at these offsets.
+    conv_group = tl.program_id(1)
+    x_ptr += conv_group * C_IN * sxc
+    w_ptr += conv_group * N_OUT * swo
+    b_ptr += conv_group * N_OUT
+    r_ptr += conv_group * N_OUT * src
+    out_ptr += conv_group * N_OUT * soc
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,32 +146,31 @@ def _conv_bn_act_kernel(
             b = tl.load(b_ptrs, mask=(k[:, None] < K) & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kh in range(KH):
+        n_chunks = tl.cdiv(C_IN, BLOCK_K)
+        for it in range(0, KH * KW * n_chunks):  # (tap, channel chunk) as one pipelined loop
+            tap = it // n_chunks
+            ci = (it - tap * n_chunks) * BLOCK_K + offs_k
+            kh = tap // KW
+            kw = tap - kh * KW
             hi = hi0 + kh
-            h_ok = mask_m & (hi >= 0) & (hi < H)
-            for kw in range(KW):
-                wi = wi0 + kw
-                row_ok = h_ok & (wi >= 0) & (wi < W)
-                a_rows = x_img + hi * sxh + wi * sxw
-                b_cols = w_cols + kh * swh + kw * sww
-                for c0 in range(0, C_IN, BLOCK_K):
-                    ci = c0 + offs_k
-                    ci_ok = ci < C_IN
-                    if POOL:
-                        a = _max_pool_tile(x_img, hi, wi, ci, ci_ok, mask_m, H, W,
-                                           sxc, sxh, sxw, POOL, BLOCK_M, BLOCK_K)  # fmt: skip
-                    else:
-                        a = tl.load(
-                            a_rows[:, None] + ci[None, :] * sxc,
-                            mask=row_ok[:, None] & ci_ok[None, :],
-                            other=0.0,
-                        )
-                    b = tl.load(
-                        b_cols[None, :] + ci[:, None] * swi,
-                        mask=ci_ok[:, None] & mask_n[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            wi = wi0 + kw
+            ci_ok = ci < C_IN
+            if POOL:
+                a = _max_pool_tile(x_img, hi, wi, ci, ci_ok, mask_m, H, W,
+                                   sxc, sxh, sxw, POOL, BLOCK_M, BLOCK_K)  # fmt: skip
+            else:
+                row_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                a = tl.load(
+                    (x_img + hi * sxh + wi * sxw)[:, None] + ci[None, :] * sxc,
+                    mask=row_ok[:, None] & ci_ok[None, :],
+                    other=0.0,
+                )
+            b = tl.load(
+                (w_cols + kh * swh + kw * sww)[None, :] + ci[:, None] * swi,
+                mask=ci_ok[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue in fp32 registers: bias, residual, ReLU, one cast, the only store.
     if HAS_BIAS:
@@ -194,34 +211,130 @@ def _max_pool_tile(x_img, hi, wi, ci, ci_ok, mask_m, H, W, sxc, sxh, sxw,
     return best.to(x_img.dtype.element_ty)
 
 
-_tuned_kernel = None
-
-
 def _autotune_enabled() -> bool:
-    """FASTCNN_TRITON_AUTOTUNE=0 uses _heuristic_config instead of timing every config: quick
+    """FASTCNN_TRITON_AUTOTUNE=0 uses heuristic_config instead of timing every config: quick
     starts, and test runs that compile each shape once rather than once per config."""
     return os.environ.get("FASTCNN_TRITON_AUTOTUNE", "1") not in ("0", "false", "off")
 
 
-def _heuristic_config(m: int, c_out: int, c_in: int) -> dict:
+# Shared memory a block may opt into, by compute capability (CUDA's per-block maximum): configs
+# that need more are pruned for that GPU rather than left to fail at launch.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+def shared_memory_bytes(
+    cfg: dict, num_stages: int, element_size: int, capability: int, pool: int = 0
+) -> int:
+    """Shared memory of a config: buffers of the A [BLOCK_M, BLOCK_K] and B [BLOCK_K, BLOCK_N]
+    tiles, num_stages of them on sm_90 (wgmma reads its operands from shared memory) and
+    num_stages - 1 before; with a fused POOLxPOOL max-pool each of its POOL^2 A loads is
+    pipelined on its own. (What Triton's pipeliner allocates: fastcnn.triton.compile_check
+    asserts this is never below the compiler's own figure.)"""
+    a_tiles = pool * pool if pool else 1
+    tiles = a_tiles * cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    buffers = num_stages if capability >= 90 else max(1, num_stages - 1)
+    return buffers * tiles * element_size + _SHARED_SLACK
+
+
+# Shared memory Triton adds beside the pipelined tiles (barriers, layout conversions): up to
+# 4 KB seen (fp32, fused pool, sm_80); 8 KB keeps the estimate above the compiler's figure.
+_SHARED_SLACK = 8192
+
+
+def configs_that_fit(
+    configs: list,
+    element_size: int,
+    capability: int,
+    limit: int,
+    pool: int = 0,
+    flat_k: bool = False,
+) -> list:
+    """The configs whose shared memory fits `limit` (none may). The flat K loop's per-element
+    (kh, kw, cin) index math spills registers beside accumulators of more than 32 registers a
+    thread (seen on sm_80 and sm_90): it keeps the smaller tiles."""
+    if flat_k:
+        configs = [c for c in configs if _accumulator_registers(c) <= 32]
+
+    def size(c):
+        return shared_memory_bytes(c.kwargs, c.num_stages, element_size, capability, pool)
+
+    return [c for c in configs if size(c) <= limit]
+
+
+def _accumulator_registers(c) -> int:
+    """fp32 accumulator registers per thread of a config."""
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+
+
+@functools.cache
+def _device_limits(device: int) -> tuple[int, int]:
+    """(compute capability as 80/90/..., shared memory a block may opt into) of a GPU."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor, props["max_shared_mem"]
+
+
+def _prune_to_device(configs, named_args, **kwargs):
+    """The autotuner's early_config_prune: only configs this GPU's shared memory holds."""
+    x = named_args["x_ptr"]
+    capability, limit = _device_limits(x.device.index or 0)
+    pool, flat_k = kwargs.get("POOL", 0), kwargs.get("FLAT_K", False)
+    fit = configs_that_fit(configs, x.element_size(), capability, limit, pool, flat_k)
+    if fit:
+        return fit
+    # none fits (fp32 with a fused pool on a GPU with 163 KB): the heuristic shrinks until one does
+    m, c_out, c_in = named_args["M"], named_args["N_OUT"], named_args["C_IN"]
+    cfg = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool)
+    stages, warps = cfg.pop("num_stages"), cfg.pop("num_warps")
+    return [triton.Config(cfg, num_warps=warps, num_stages=stages)]
+
+
+def heuristic_config(
+    m: int, c_out: int, c_in: int, element_size: int, capability: int, limit: int, pool: int = 0
+) -> dict:
+    """The config FASTCNN_TRITON_AUTOTUNE=0 uses: tiles by the GEMM's size, then shrunk (fewer
+    stages, then smaller tiles) until its shared memory fits the GPU (a fused 3x3 max-pool
+    pipelines 9 input tiles: 128x128x64 at 3 stages would need 480 KB)."""
     block_n = 128 if c_out >= 128 else 64
     block_m = 128 if m >= 4096 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64 if c_in >= 64 else 32,
-            "GROUP_M": 8, "num_warps": 4, "num_stages": 3}  # fmt: skip
+    # a 128x128 fp32 accumulator is 128 registers a thread with 4 warps: it spills; 8 do not
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # (the flat K loop only serves Cin < 32: there BLOCK_K is 32 and the tiles stay smaller)
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64 if c_in >= 64 else 32,
+           "GROUP_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
+    shrink = [("num_stages", 2), ("BLOCK_K", 32), ("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 16)]
+    for key, smaller in shrink:
+        if shared_memory_bytes(cfg, cfg["num_stages"], element_size, capability, pool) <= limit:
+            break
+        cfg[key] = min(cfg[key], smaller)
+    return cfg
 
 
-def _gpu_kernel():
-    """The autotuned kernel, made on first GPU use (the autotuner times configs on the GPU)."""
-    global _tuned_kernel
-    if _tuned_kernel is None:
-        _tuned_kernel = triton.autotune(
+_AUTOTUNE_KEY = ["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K", "POOL"]
+_tuned_kernels: dict[bool, object] = {}
+
+
+def _gpu_kernel(in_place: bool):
+    """The autotuned kernel, made on first GPU use (the autotuner times configs on the GPU).
+
+    in_place (out is the residual): every timed config would add onto the previous one's
+    result, so the residual is saved and restored around each; other calls skip that copy.
+    Tuned configs are kept on disk (Triton's cache, keyed by Triton version, GPU architecture,
+    kernel source and tuning key), so a second process tunes nothing."""
+    if in_place not in _tuned_kernels:
+        cache = {"cache_results": True} if _AUTOTUNE_CACHES else {}
+        _tuned_kernels[in_place] = triton.autotune(
             configs=_GPU_CONFIGS,
-            key=["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K", "POOL"],
-            # out may be the residual itself (in place): every timed config would add onto the
-            # previous one's result, so the residual is saved and restored around each
-            restore_value=["r_ptr"],
+            key=_AUTOTUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune_to_device},
+            restore_value=["r_ptr"] if in_place else None,
+            **cache,
         )(_conv_bn_act_kernel)
-    return _tuned_kernel
+    return _tuned_kernels[in_place]
+
+
+# Triton's autotuner keeps results on disk when asked (Triton 3.3 and later).
+_AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -229,6 +342,132 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
+
+
+class _Plan:
+    """Everything about a launch that depends only on (shapes, strides, dtype, device, flags,
+    pointer alignment): the integer arguments, the constexprs, the grid and, after the first
+    launch on a GPU, the compiled kernel, launched directly from then on (no autotuner lookup,
+    no JIT argument binding: the first launch went through both with these same arguments)."""
+
+    __slots__ = ("compiled", "config", "grid", "groups", "ints", "meta", "tail")
+
+    def __init__(self, ints: tuple, meta: dict, grid, config: dict | None, groups: int = 1):
+        self.ints, self.meta, self.grid, self.config = ints, meta, grid, config
+        self.groups = groups
+        self.compiled = None
+        self.tail: tuple = ()
+
+    def launch(self, pointers: tuple, in_place: bool) -> None:
+        compiled = self.compiled
+        if compiled is not None and knobs_allow_direct_launch():
+            stream = _current_stream(pointers[4].device.index)
+            compiled.run(self.grid[0], self.groups, 1, stream, compiled.function,
+                         compiled.packed_metadata, None, None, None, *pointers,
+                         *self.tail)  # fmt: skip
+            direct_launches[0] += 1
+            return
+        if self.config is None:  # autotuned: the tuner picks (once per key) and launches
+            tuner = _gpu_kernel(in_place)
+            compiled = tuner[self._grid_of](*pointers, *self.ints, **self.meta)
+            if compiled is None:  # nothing compiled (fastcnn.triton.precompile recording)
+                return
+            config = {**tuner.best_config.kwargs}
+        else:
+            config = self.config
+            grid = self._grid_of(config)
+            compiled = _conv_bn_act_kernel[grid](*pointers, *self.ints, **self.meta, **config)
+        self.grid = self._grid_of(config)
+        if _can_launch_directly(compiled):
+            block = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+            self.tail = (*self.ints, *self.meta.values(), *block.values())
+            self.compiled = compiled
+
+    def _grid_of(self, cfg: dict) -> tuple[int, int]:
+        m, c_out = self.ints[0], self.ints[1]  # c_out: per group
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]), self.groups)
+
+
+direct_launches = [0]  # how many launches skipped the JIT (tests read it)
+_plans: dict[tuple, _Plan] = {}
+
+
+def knobs_allow_direct_launch() -> bool:
+    """Direct launches pass no launch metadata: with a profiler's launch hook installed, or
+    FASTCNN_TRITON_DIRECT_LAUNCH=0, every launch goes through Triton's JIT instead."""
+    return _DIRECT and not _launch_hooks_installed()
+
+
+def _launch_hooks_installed() -> bool:
+    """Triton 3.5+ keeps its launch hooks in HookChains (empty unless a profiler adds one);
+    older versions hold a callable or None."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    hooks = () if runtime is None else (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+_DIRECT = os.environ.get("FASTCNN_TRITON_DIRECT_LAUNCH", "1") not in ("0", "false", "off")
+
+
+def _can_launch_directly(compiled) -> bool:
+    """A compiled GPU kernel (the interpreter returns none) with the launcher API this code
+    calls: run(grid x, y, z, stream, function, packed metadata, launch metadata, enter hook,
+    exit hook, *every argument), as Triton 3.x's own JITFunction.run calls it."""
+    return (
+        _DIRECT
+        and not interpreting()
+        and compiled is not None
+        and hasattr(compiled, "packed_metadata")
+        and getattr(compiled, "function", None) is not None
+    )
+
+
+def _current_stream(device: int | None):
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+def _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups=1) -> _Plan:
+    """The launch plan of a call: integer arguments, constexprs, config (None: autotuned).
+    With groups, C_IN and N_OUT are one group's channel counts."""
+    n, _, h, w = x.shape
+    c_out, c_in, kh, kw = weight.shape
+    c_out //= groups
+    _, split, ho, wo = out.shape
+    m = n * ho * wo
+    r = residual if residual is not None else out
+    o2 = out2 if out2 is not None else out
+    ints = (
+        m, c_out, c_in, h, w, ho, wo, split,
+        *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *o2.stride(),
+        triton.next_power_of_2(m),
+    )  # fmt: skip
+    flat_k = c_in < _FLAT_K_BELOW and not pool
+    meta = dict(
+        KH=kh,
+        KW=kw,
+        STRIDE_H=stride[0],
+        STRIDE_W=stride[1],
+        PAD_H=padding[0],
+        PAD_W=padding[1],
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        FLAT_K=flat_k,
+        POOL=pool,
+        HAS_SPLIT=out2 is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    if interpreting():
+        config = _interpreter_config(m, c_out, c_in, flat_k, kh * kw)
+    elif not _autotune_enabled():
+        capability, limit = _device_limits(x.device.index or 0)
+        config = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool)
+    else:
+        config = None
+    plan = _Plan(ints, meta, None, config, groups)
+    if config is not None:
+        plan.grid = plan._grid_of(config)
+    return plan
 
 
 def conv_bn_act_out(
@@ -242,8 +481,10 @@ def conv_bn_act_out(
     relu: bool,
     pool: int = 0,
     out2: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> None:
-    """Write relu(conv2d(x, weight, bias) + residual) into out (validated by fastcnn.ops).
+    """Write relu(conv2d(x, weight, bias, groups=groups) + residual) into out (validated by
+    fastcnn.ops).
 
     x is read with channels innermost: an x whose channel stride is not 1 (NCHW) is converted to
     channels_last once here; channels_last tensors and their channel slices are read in place.
@@ -251,49 +492,34 @@ def conv_bn_act_out(
     are contiguous). pool=P (1x1 convs): the conv reads max_pool2d(x, P, 1, P // 2) computed in
     registers. out2: output channels from out.shape[1] on go to out2 (channel c -> out2[:, c -
     out.shape[1]]); weight and bias then hold out's and out2's channels, concatenated.
+
+    Planned once per (shapes, strides, dtype, device, flags, pointer alignment): later calls
+    with the same key only launch (see _Plan).
     """
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    _, split, ho, wo = out.shape
-    m = n * ho * wo
-    if m == 0 or c_out == 0:
-        return
-    if pool and (kh, kw, tuple(stride), tuple(padding)) != (1, 1, (1, 1), (0, 0)):
-        raise ValueError("pool= fuses a max-pool into a 1x1, stride-1, unpadded conv only")
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else out  # placeholder pointers when absent
     o2 = out2 if out2 is not None else out
-    args = (
-        x, weight, bias if bias is not None else out, r, out, o2,
-        m, c_out, c_in, h, w, ho, wo, split,
-        *x.stride(), *weight.stride(), *r.stride(), *out.stride(), *o2.stride(),
-        triton.next_power_of_2(m),
+    b = bias if bias is not None else out
+    pointers = (x, weight, b, r, out, o2)
+    addresses = [t.data_ptr() for t in pointers]
+    aligned = not (addresses[0] | addresses[1] | addresses[2] | addresses[3] | addresses[4]
+                   | addresses[5]) & 15  # fmt: skip
+    in_place = residual is not None and addresses[3] == addresses[4]
+    key = (
+        x.shape, x.stride(), weight.shape, weight.stride(), r.stride(), out.shape, out.stride(),
+        o2.stride(), x.dtype, x.device, bias is None, residual is None, out2 is None, in_place,
+        stride[0], stride[1], padding[0], padding[1], relu, pool, groups,
+        aligned or tuple(a % 16 == 0 for a in addresses),
+        x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32, _autotune_enabled(),
     )  # fmt: skip
-    meta = dict(
-        KH=kh,
-        KW=kw,
-        STRIDE_H=stride[0],
-        STRIDE_W=stride[1],
-        PAD_H=padding[0],
-        PAD_W=padding[1],
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
-        FLAT_K=c_in < _FLAT_K_BELOW and not pool,
-        POOL=pool,
-        HAS_SPLIT=out2 is not None,
-        INPUT_PRECISION=_input_precision(x.dtype),
-    )
-
-    def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
-
-    if interpreting() or not _autotune_enabled():
-        if interpreting():
-            cfg = _interpreter_config(m, c_out, c_in, meta["FLAT_K"], kh * kw)
-        else:
-            cfg = _heuristic_config(m, c_out, c_in)
-        _conv_bn_act_kernel[grid(cfg)](*args, **meta, **cfg)
-    else:
-        _gpu_kernel()[grid](*args, **meta)
+    plan = _plans.get(key)
+    if plan is None:
+        _, _, kh, kw = weight.shape
+        if pool and (kh, kw, tuple(stride), tuple(padding)) != (1, 1, (1, 1), (0, 0)):
+            raise ValueError("pool= fuses a max-pool into a 1x1, stride-1, unpadded conv only")
+        plan = _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups)
+        if plan.ints[0] == 0 or plan.ints[1] == 0:  # no output pixel or channel: nothing to do
+            return
+        _plans[key] = plan
+    plan.launch(pointers, in_place)

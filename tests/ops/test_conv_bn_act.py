@@ -165,3 +165,31 @@ def test_residual_in_another_layout(channels_last):
         assert "residual is not channels_last" in event.fallback
     else:
         assert event.fallback is None  # oneDNN reads an NCHW x's residual as it is
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "groups", "kernel", "stride"),
+    [(16, 24, 2, 3, 1), (12, 12, 4, 1, 1), (8, 8, 8, 3, 2), (40, 40, 40, 3, 1)],
+    ids=["groups2-3x3", "groups4-1x1", "depthwise-s2", "depthwise-40"],
+)
+def test_grouped_conv_on_triton(cin, cout, groups, kernel, stride):
+    """Triton runs a grouped (and depthwise) conv as one GEMM per group in one launch, with the
+    residual and an out= channel slice, and records no fallback."""
+    skip_unsupported("cpu", "triton", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cin, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin // groups, kernel, kernel, generator=g) * 0.3
+    bias = torch.randn(cout, generator=g) * 0.1
+    pad = kernel // 2
+    shape = conv_module.output_shape(x.shape, weight.shape, [stride] * 2, [pad] * 2, [1, 1])
+    residual = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    big = torch.full((2, cout + 6, *shape[2:]), float("nan"))
+    big = big.contiguous(memory_format=torch.channels_last)
+    with fastcnn.use_backend("triton"), fastcnn.trace() as t:
+        fastcnn.ops.conv_bn_act(
+            x, weight, bias, stride, pad, groups, residual=residual, out=big[:, 3 : 3 + cout]
+        )
+    assert t.kernels() == {"triton:implicit_gemm"} and not t.fallbacks(), str(t)
+    expected = conv_reference64(x, weight, bias, stride, pad, residual, groups=groups)
+    assert torch.isnan(big[:, :3]).all() and torch.isnan(big[:, 3 + cout :]).all()
+    assert_matches(big[:, 3 : 3 + cout], expected, torch.float32)

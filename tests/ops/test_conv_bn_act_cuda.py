@@ -175,3 +175,25 @@ def test_in_place_over_the_residual_with_autotuning(backend, monkeypatch):
     assert got.data_ptr() == res.data_ptr()
     assert t.kernels() <= {"triton:implicit_gemm", "cuda:cublaslt"}, str(t)
     assert_within_bound(res, expected, bound)
+
+
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_planned_module_calls_launch_directly_and_match(monkeypatch, autotune):
+    """A module's second call with the same layout skips checks, the autotuner and the JIT
+    binder (fastcnn.triton.conv_bn_act._Plan): it must compute the same result."""
+    from fastcnn.triton import conv_bn_act as kernels
+
+    monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", autotune)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    bn = torch.nn.BatchNorm2d(64).eval()
+    fused = fastcnn.nn.ConvBNAct.from_modules(conv, bn, torch.nn.ReLU()).cuda().half()
+    x, _, _ = random_conv_inputs(64, 64, 3, 28, 28, torch.float16, "cuda", batch=2)
+    expected = conv_reference64(x, fused.weight, fused.bias, 1, 1)
+    bound = conv_bound64(x, fused.weight, fused.bias, 1, 1, None, torch.float16, 1)
+    with torch.no_grad(), fastcnn.use_backend("triton"):
+        first = fused(x)
+        before = kernels.direct_launches[0]
+        second = fused(x)
+    assert kernels.direct_launches[0] == before + 1, "the second call did not launch directly"
+    assert_within_bound(first, expected, bound, "first call")
+    assert torch.equal(first, second)
