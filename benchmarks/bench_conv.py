@@ -69,7 +69,11 @@ def distinct_convs(model_names: list[str]) -> list[dict]:
     return list(found.values())
 
 
-def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: str) -> list[dict]:
+def bench_layer(
+    entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: str, record_only: bool = False
+) -> list[dict]:
+    """The rows of one layer; record_only: build it and make one fastcnn call (under
+    fastcnn.triton.precompile.recording, that lists its kernels), measure nothing."""
     cin, cout, k, stride, pad, h, w = entry["key"]
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(batch, cin, h, w, device=dev, generator=g).to(dtype)
@@ -102,6 +106,11 @@ def bench_layer(entry: dict, batch: int, dtype: torch.dtype, iters: int, dev: st
 
     def fast():
         return fused(x, residual=res)
+
+    if record_only:
+        with torch.no_grad():
+            fast()
+        return []
 
     flops = 2 * batch * ho * wo * cout * cin * k * k
     providers = {"eager": eager, "fastcnn": fast}
@@ -141,6 +150,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=300, help="stop adding layers after")
     parser.add_argument("--limit", type=int, help="measure only the first N distinct layers")
+    parser.add_argument(
+        "--precompile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="GPU: compile the Triton kernels (every autotune config) of the next N layers on "
+        "every core at once before measuring them",
+    )
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, required=True, help="JSON result file to write")
     args = parser.parse_args()
@@ -157,12 +174,21 @@ def main() -> None:
     start = time.perf_counter()
     layers = distinct_convs(args.models.split(","))[: args.limit]
     stopped = "yes"
+    dtype = DTYPES[args.dtype]
     for i, entry in enumerate(layers):
         if time.perf_counter() - start > args.max_seconds:
             stopped = f"no: --max-seconds spent after {i} of {len(layers)} layers"
             print(f"bench_conv: time budget spent after {i} of {len(layers)} layers")
             break
-        results.add(*bench_layer(entry, args.batch, DTYPES[args.dtype], args.iters, args.device))
+        if args.precompile and args.device == "cuda" and i % args.precompile == 0:
+            from fastcnn.triton import precompile
+
+            with precompile.recording() as jobs:
+                for ahead in layers[i : i + args.precompile]:
+                    bench_layer(ahead, args.batch, dtype, args.iters, args.device, True)
+            n = precompile.compile_all(jobs)
+            print(f"bench_conv: {n} Triton kernels precompiled for the next layers", flush=True)
+        results.add(*bench_layer(entry, args.batch, dtype, args.iters, args.device))
         print(f"[{i + 1}/{len(layers)}] {entry['layer']}", flush=True)
     print(results.finish(stopped))
 

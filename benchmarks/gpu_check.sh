@@ -30,21 +30,27 @@
 #                 (MAX_JOBS=nproc), so ~45 s plus the link
 #   env       20  collect_env: imports, nvidia-smi, loading the built extension
 #   cuda-tests 110 pytest -m cuda -n 8: ~220 Triton specializations (heuristic configs) at
-#                 ~2 s each spread over 8 workers (~55 s), two autotuned tests (27 configs in
-#                 one worker, ~55 s), cuDNN/cuBLAS start-up per worker
-#   models-fp16 130  resnet50 + googlenet at batch 1 and 256: 36+47 Triton kernels
-#                 (counted by benchmarks/host_overhead.py --count), precompiled 16-way
-#                 (fastcnn.triton.precompile, ~15 s); torch.compile (Inductor, freezing,
-#                 dynamic=False) of each model at each batch, ~20-25 s each cold; eager,
-#                 fastcnn-cuda (cuDNN autotune off) and timing, ~10 s
-#   models-bf16 110  the same in bf16, Inductor's cache partly warm
-#   conv      45  every distinct ResNet-50/GoogLeNet conv at batch 256 fp16, autotuned (9
-#                 configs per layer, ~3 s of compile+timing each), stops adding layers at 30 s
-#   inception 40  9 Inception blocks at batch 128, fastcnn and torch.compile per block; stops at 25 s
+#                 ~2 s each (the conv kernel compiles for sm_90 in 2.5-3 s on this Xeon)
+#                 spread over 8 workers (~55 s); the autotuned tests (~25 configs in one
+#                 worker, ~50 s) run beside them; cuDNN/cuBLAS start-up per worker
+#   models-fp16 110  resnet50 + googlenet at batch 256 against eager (NCHW, channels_last) and
+#                 torch.compile (Inductor, freezing, dynamic=False), both fastcnn backends:
+#                 ~14 + 13 Triton kernels with heuristic configs (counted with
+#                 benchmarks/host_overhead.py --count) compiled 16-way first (--precompile,
+#                 ~10 s); torch.compile of each model, ~25 s each cold; eager, cuDNN and
+#                 timing ~20 s
+#   models-bf16 100  the same in bf16
+#   models-b1  90  the same at batch 1, fp16: latency, where host overhead shows; ~31 kernels
+#   conv      45  every distinct ResNet-50/GoogLeNet conv at batch 256 fp16, autotuned; the
+#                 next 8 layers' configs (~70 kernels) precompiled 16-way at a time (~10 s),
+#                 tuning ~2 s a layer; stops adding layers at 30 s
+#   inception 40  9 Inception blocks at batch 128, fastcnn and torch.compile per block; stops
+#                 at 25 s
 #   ops       30  fastcnn-bench --op all, fp16, batch 1 and 256
 #   tests     60  the rest of the suite (CPU backends, optimize, bench), -n 8
-# Sum 625 s: more than the budget on purpose; the budget cuts the last steps when the early
-# ones run long, and says so in the summary.
+# Sum 685 s: more than the budget on purpose. The estimates are guesses until a GPU run times
+# them (the summary records each step's seconds); the budget cuts the last steps when the
+# early ones run long, and says so in the summary.
 #
 # Environment: OUT (where the device tool collects files), GPU_CHECK_BUDGET_S (whole-run
 # budget), GPU_CHECK_STEPS (comma list: run only these steps), GPU_CHECK_LIMITS (comma list of
@@ -164,7 +170,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run under its limit (cut to the budget
 
 if [ "$REHEARSE" = 1 ]; then  # tiny sizes, the CPU's backends, interpreter tests
   # fp32 for every step: CPU fp16/bf16 convolutions are slow or absent (no oneDNN support)
-  MODELS=resnet18 BATCH_MODELS=1 BATCH_OPS=1 SIZE=(--size 32) ITERS=1 FP16=float32 BF16=float32
+  MODELS=resnet18 BATCH_MODELS=1 BATCH_B1=1 BATCH_OPS=1 SIZE=(--size 32) ITERS=1
+  FP16=float32 BF16=float32
   CONV=(--device cpu --dtype float32 --batch 1 --iters 1 --limit 2 --models resnet50)
   INCEPTION=(--device cpu --dtype float32 --batch 1 --iters 1 --limit 1 --no-compile)
   PROVIDERS_MODELS=eager,eager-cl,fastcnn-cpu OPS_PROVIDERS=eager-cl,fastcnn-cpu
@@ -172,9 +179,9 @@ if [ "$REHEARSE" = 1 ]; then  # tiny sizes, the CPU's backends, interpreter test
   TESTS_REST=(tests/test_bench.py -k bad_arguments)
   PARALLEL=()
 else
-  MODELS=resnet50,googlenet BATCH_MODELS=1,256 BATCH_OPS=1,256 SIZE=() ITERS=10
+  MODELS=resnet50,googlenet BATCH_MODELS=256 BATCH_B1=1 BATCH_OPS=1,256 SIZE=() ITERS=10
   FP16=float16 BF16=bfloat16
-  CONV=(--max-seconds 30)
+  CONV=(--max-seconds 30 --precompile 8)
   INCEPTION=(--max-seconds 25)
   PROVIDERS_MODELS=eager,eager-cl,fastcnn-triton,fastcnn-cuda,compile
   OPS_PROVIDERS=eager-cl,fastcnn-triton,fastcnn-cuda
@@ -184,10 +191,12 @@ else
   PARALLEL=()
   $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 fi
-models_step() {  # models_step NAME LIMIT DTYPE
-  step "$1" "$2" $PY -m fastcnn.bench --device $DEV --model "$MODELS" \
-    --batch "$BATCH_MODELS" --dtype "$3" --providers "$PROVIDERS_MODELS" --iters "$ITERS" \
-    "${SIZE[@]}" --out "$dir/$1"
+# Models run fastcnn with its heuristic Triton configs (tuning ~70 GEMM shapes would take
+# minutes); the conv sweep reports the tuned per-layer speeds.
+models_step() {  # models_step NAME LIMIT DTYPE BATCHES
+  step "$1" "$2" env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device $DEV \
+    --model "$MODELS" --batch "$4" --dtype "$3" --providers "$PROVIDERS_MODELS" \
+    --iters "$ITERS" --precompile "${SIZE[@]}" --out "$dir/$1"
 }
 
 step build 80 $PY -m fastcnn.build
@@ -201,8 +210,9 @@ tests_step() {  # tests_step NAME LIMIT VAR=VALUE PYTEST-ARGS...: outcomes go to
     -p no:cacheprovider -p benchmarks.pytest_progress -rfEs "${PARALLEL[@]}" "$@"
 }
 tests_step cuda-tests 110 FASTCNN_TRITON_AUTOTUNE=0 "${TESTS_CUDA[@]}"
-models_step models-fp16 130 "$FP16"
-models_step models-bf16 110 "$BF16"
+models_step models-fp16 110 "$FP16" "$BATCH_MODELS"
+models_step models-bf16 100 "$BF16" "$BATCH_MODELS"
+models_step models-b1 90 "$FP16" "$BATCH_B1"
 step conv 45 $PY benchmarks/bench_conv.py "${CONV[@]}" --out "$dir/conv.json"
 step inception 40 $PY benchmarks/bench_inception.py "${INCEPTION[@]}" --out "$dir/inception.json"
 step ops 30 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device $DEV --op all \

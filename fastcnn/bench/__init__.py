@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
     parser.add_argument(
+        "--precompile",
+        action="store_true",
+        help="compile the Triton kernels of the fastcnn providers on every core first (GPU)",
+    )
+    parser.add_argument(
         "--max-seconds",
         type=float,
         help="start no new (workload, batch) after this many seconds; the results say so",
@@ -123,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA GPU is visible to torch")
     if args.cuda_graphs and args.device != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
+    if args.precompile and args.device != "cuda":
+        args.precompile = False  # Triton's interpreter compiles nothing
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -230,7 +237,28 @@ def _workloads(args, dtype, build_s: dict):
             x = x.to(dtype)
             return x.contiguous(memory_format=torch.channels_last) if channels_last(provider) else x
 
+        if args.precompile:
+            _precompile(name, built, make_input, args.batches, build_s)
         yield name, built, make_input, lambda x, m=precise: m(x.to(REFERENCE_DTYPE[dtype]))
+
+
+def _precompile(name: str, built: dict, make_input, batches: list[int], build_s: dict) -> None:
+    """Compile every Triton kernel the fastcnn providers will launch, on every core at once
+    (fastcnn.triton.precompile), instead of one after another inside their first calls; the
+    seconds count toward the providers' setup time."""
+    from fastcnn.triton import precompile
+
+    for provider, fn in built.items():
+        if provider not in ("fastcnn", "fastcnn-triton") or isinstance(fn, Exception):
+            continue
+        start = time.perf_counter()
+        with torch.inference_mode(), precompile.recording() as jobs:
+            for batch in batches:
+                fn(make_input(batch, provider))
+        n = precompile.compile_all(jobs)
+        seconds = time.perf_counter() - start
+        build_s[(name, provider)] = build_s.get((name, provider), 0) + seconds
+        print(f"{name} {provider}: {n} Triton kernels precompiled in {seconds:.1f} s", flush=True)
 
 
 def _time_group(timers: dict, iters: int, batch: int) -> None:
