@@ -262,11 +262,13 @@ def conv_reference64(
 OWN_KERNELS = {
     ("conv_bn_act", "triton"): {"implicit_gemm"},
     ("conv_bn_act", "cpu"): {"onednn"},
-    ("conv_bn_act", "cuda"): {"cublaslt", "cudnn+epilogue", "extension"},
+    ("conv_bn_act", "cuda"): {"cublaslt", "cudnn+epilogue"},
     ("conv_bn_act", "eager"): {"reference"},
     ("inception", "triton"): {"4 implicit_gemm launches"},
     ("inception", "cpu"): {"onednn+cat"},
-    ("inception", "cuda"): {"extension"},
+    # the extension's block: three 1x1 convs and the pool's 1x1 as cuBLASLt GEMMs, the two kxk
+    # convs through cuDNN + epilogue (fastcnn/ops/_extension_paths.py)
+    ("inception", "cuda"): {"4 cublaslt + 2 cudnn+epilogue"},
     ("inception", "eager"): {"reference"},
     ("add_relu", "triton"): {"elementwise"},
     ("add_relu", "cpu"): {"elementwise"},

@@ -219,11 +219,11 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     # the GPU kernels write into a buffer allocated here (oneDNN and eager make their own)
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     allocate = impl in (_triton_impl, _cuda_impl)
-    options = {"dtype": x.dtype, "device": x.device, "memory_format": memory_format_of(x)}
+    memory_format = memory_format_of(x)
 
     def run(x, weight, bias, residual, out):
         if out is None and allocate:
-            out = torch.empty(shape, **options)
+            out = _alloc.empty(shape, x, memory_format)
         return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
 
     return run

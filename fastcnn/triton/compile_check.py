@@ -86,7 +86,7 @@ def _compile(job: Job):
     if job.config == HEURISTIC:
         cfg = k.heuristic_config(
             p.ints[0], c_out, c_in, x.element_size(), job.capability,
-            k.SHARED_MEMORY_LIMIT[job.capability], pool,
+            k.SHARED_MEMORY_LIMIT[job.capability], pool, p.meta["FLAT_K"],
         )  # fmt: skip
         config = triton.Config(
             {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},

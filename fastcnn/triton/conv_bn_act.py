@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -251,9 +252,10 @@ def configs_that_fit(
 ) -> list:
     """The configs whose shared memory fits `limit` (none may). The flat K loop's per-element
     (kh, kw, cin) index math spills registers beside accumulators of more than 32 registers a
-    thread (seen on sm_80 and sm_90): it keeps the smaller tiles."""
-    if flat_k:
-        configs = [c for c in configs if _accumulator_registers(c) <= 32]
+    thread (16 in fp32; seen on sm_80 and sm_90): it keeps the smaller tiles."""
+    if flat_k:  # fp32 operands take twice the registers: half the accumulator
+        most = 32 if element_size <= 2 else 16
+        configs = [c for c in configs if _accumulator_registers(c) <= most]
 
     def size(c):
         return shared_memory_bytes(c.kwargs, c.num_stages, element_size, capability, pool)
@@ -284,30 +286,44 @@ def _prune_to_device(configs, named_args, **kwargs):
         return fit
     # none fits (fp32 with a fused pool on a GPU with 163 KB): the heuristic shrinks until one does
     m, c_out, c_in = named_args["M"], named_args["N_OUT"], named_args["C_IN"]
-    cfg = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool)
+    cfg = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool, flat_k)
     stages, warps = cfg.pop("num_stages"), cfg.pop("num_warps")
     return [triton.Config(cfg, num_warps=warps, num_stages=stages)]
 
 
 def heuristic_config(
-    m: int, c_out: int, c_in: int, element_size: int, capability: int, limit: int, pool: int = 0
+    m: int,
+    c_out: int,
+    c_in: int,
+    element_size: int,
+    capability: int,
+    limit: int,
+    pool: int = 0,
+    flat_k: bool = False,
 ) -> dict:
-    """The config FASTCNN_TRITON_AUTOTUNE=0 uses: tiles by the GEMM's size, then shrunk (fewer
-    stages, then smaller tiles) until its shared memory fits the GPU (a fused 3x3 max-pool
-    pipelines 9 input tiles: 128x128x64 at 3 stages would need 480 KB)."""
-    block_n = 128 if c_out >= 128 else 64
-    block_m = 128 if m >= 4096 else 64
-    # a 128x128 fp32 accumulator is 128 registers a thread with 4 warps: it spills; 8 do not
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    # (the flat K loop only serves Cin < 32: there BLOCK_K is 32 and the tiles stay smaller)
-    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64 if c_in >= 64 else 32,
-           "GROUP_M": 8, "num_warps": warps, "num_stages": 3}  # fmt: skip
-    shrink = [("num_stages", 2), ("BLOCK_K", 32), ("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 16)]
-    for key, smaller in shrink:
-        if shared_memory_bytes(cfg, cfg["num_stages"], element_size, capability, pool) <= limit:
-            break
-        cfg[key] = min(cfg[key], smaller)
-    return cfg
+    """The config FASTCNN_TRITON_AUTOTUNE=0 uses (and the autotuner when no config fits): of the
+    configs that fit this GPU (the ones compile_check proves), the one nearest to tiles sized by
+    the GEMM; with none fitting (fp32 with a fused pool on a 163 KB GPU), the smallest with
+    fewer stages."""
+    want = (128 if m >= 4096 else 64, 128 if c_out >= 128 else 64, 64 if c_in >= 64 else 32)
+    fit = configs_that_fit(_GPU_CONFIGS, element_size, capability, limit, pool, flat_k)
+
+    def distance(c):
+        tiles = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+        return sum(abs(math.log2(t / w)) for t, w in zip(tiles, want, strict=True)), -c.num_stages
+
+    if fit:
+        best = min(fit, key=distance)
+        return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+    def size(cfg, stages):
+        return shared_memory_bytes(cfg, stages, element_size, capability, pool)
+
+    smallest = min(_GPU_CONFIGS, key=lambda c: size(c.kwargs, c.num_stages))
+    stages = smallest.num_stages
+    while stages > 2 and size(smallest.kwargs, stages) > limit:
+        stages -= 1
+    return {**smallest.kwargs, "num_warps": smallest.num_warps, "num_stages": stages}
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N_OUT", "C_IN", "KH", "KW", "STRIDE_H", "FLAT_K", "POOL"]
@@ -461,7 +477,7 @@ def _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, gro
         config = _interpreter_config(m, c_out, c_in, flat_k, kh * kw)
     elif not _autotune_enabled():
         capability, limit = _device_limits(x.device.index or 0)
-        config = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool)
+        config = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool, flat_k)
     else:
         config = None
     plan = _Plan(ints, meta, None, config, groups)
