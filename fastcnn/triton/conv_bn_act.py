@@ -414,12 +414,18 @@ def knobs_allow_direct_launch() -> bool:
     return _DIRECT and not _launch_hooks_installed()
 
 
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _launch_hooks_installed() -> bool:
     """Triton 3.5+ keeps its launch hooks in HookChains (empty unless a profiler adds one);
     older versions hold a callable or None."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    hooks = () if runtime is None else (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    if _RUNTIME_KNOBS is None:
+        return False
+    for hook in (_RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 _DIRECT = os.environ.get("FASTCNN_TRITON_DIRECT_LAUNCH", "1") not in ("0", "false", "off")
