@@ -14,9 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from fastcnn.bench.results import table_lines
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's fastcnn (its table columns), not another install
+
+from fastcnn.bench.results import table_lines  # noqa: E402
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
