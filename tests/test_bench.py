@@ -117,7 +117,8 @@ def test_cpu_preset_fills_what_is_not_given():
     args = bench.parse_args(["--preset", "cpu", "--batch", "2"])
     assert args.device == "cpu" and args.threads == 2 and args.dtype == "float32"
     assert args.models == ["resnet50", "googlenet"]
-    assert args.provider_list == ["eager-cl", "jit", "compile", "fastcnn-cpu"]
+    assert args.provider_list == ["eager-cl", "compile", "openvino", "onnxruntime", "fastcnn-cpu"]
+    assert args.processes == 3  # each provider in processes of its own
     assert args.batches == [2]  # the explicit argument wins
 
 
@@ -141,3 +142,63 @@ def test_interleaved_timing_rotates_the_order_of_providers():
     times = time_interleaved(fns, iters=3, warmup=0)
     assert set(times) == {"a", "b", "c"} and all(ms >= 0 for ms in times.values())
     assert calls == list("abcbcacab")  # each provider leads one round
+
+
+def test_each_provider_in_processes_of_its_own(tmp_path):
+    """--processes: every (model, provider) runs in fresh processes; rows carry each process's
+    median and the CPU time a call."""
+    code = bench.main(
+        [
+            "--model", "resnet18", "--batch", "1,2", "--device", "cpu", "--size", "32",
+            "--providers", "eager,fastcnn-cpu", "--iters", "2", "--threads", "1",
+            "--processes", "2", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["measurements"]
+    assert [(r["batch"], r["provider"]) for r in rows] == [
+        (1, "eager"), (1, "fastcnn-cpu"), (2, "eager"), (2, "fastcnn-cpu"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["status"] == "ok" and len(r["process_ms"]) == 2 and r["cpu_ms"] > 0
+        assert r["max_rel_error"] < 1e-3
+    assert rows[1]["vs_best_peer"] > 0 and "worker OMP_WAIT_POLICY" in data["environment"]
+
+
+def test_a_worker_that_fails_is_reported_per_batch():
+    from fastcnn.bench.isolated import Job, run_in_processes
+
+    rows = run_in_processes([Job("resnet18", "fastcnn-cuda", [1], size=32, iters=1)], rounds=1)
+    assert rows[0]["status"].startswith("unavailable")
+
+
+@pytest.mark.parametrize("provider", ["openvino", "onnxruntime"])
+def test_peer_runtimes_match_eager(provider):
+    pytest.importorskip(provider, reason=f"{provider} is not installed (pip install -e '.[peers]')")
+    import torch
+
+    from fastcnn.bench import peers
+    from fastcnn.bench.providers import make_model
+
+    model = make_model("resnet18", torch.float32, "cpu")
+    fn = peers.build(provider, model)
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(x)
+        got = fn(x)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+def test_peers_refuse_what_they_do_not_compare():
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    import torch
+
+    from fastcnn.bench import peers
+    from fastcnn.bench.providers import make_model
+
+    fn = peers.build("onnxruntime", make_model("resnet18", torch.float32, "cpu"))
+    with pytest.raises(RuntimeError, match="float32 CPU inputs only"):
+        fn(torch.randn(1, 3, 32, 32, dtype=torch.float16))

@@ -111,7 +111,7 @@ def test_partial_optimization_with_reasons():
     fast = fastcnn.optimize(model, backend="eager")
     entries = {e.path: e for e in fastcnn.report(fast).entries}
     assert entries["stem"].action == "fused"
-    assert entries["grouped"].action == "kept" and "groups=4" in entries["grouped"].reason
+    assert entries["grouped"].action == "fused"  # groups fuse (oneDNN groups on the CPU)
     assert entries["shared"].action == "kept" and "2 users" in entries["shared"].reason
     assert entries["custom"].action == "kept" and "SiLU" in entries["custom"].reason
     assert entries["head"].action == "fused" and entries["head"].original.endswith("add -> ReLU")
@@ -226,15 +226,42 @@ def test_torch_compile_and_export_of_the_optimized_model():
         assert_logits_close(exported.module()(x), expected, torch.float32)
 
 
-def test_resnext_grouped_convs_are_kept_and_the_rest_fused():
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_resnext_grouped_convs_fuse_too(backend):
     model = _torchvision("resnext50_32x4d")
-    fast = fastcnn.optimize(model)
+    fast = fastcnn.optimize(model, backend=backend)
     report = fastcnn.report(fast)
-    grouped = [e for e in report.kept if "groups=32" in e.reason]
-    assert len(grouped) == 16 and len(report.fused) == 53 - 16
-    x = torch.randn(1, 3, 32, 32)
+    assert len(report.fused) == 53 and {e.original for e in report.kept} == {
+        "AdaptiveAvgPool2d",
+        "Linear",
+    }
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    grouped = [m for m in fast.modules() if isinstance(m, ConvBNAct) and m.groups == 32]
+    assert len(grouped) == 16
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastcnn.trace() as t:
+        y = fast(x)
+    assert t.kernels("conv_bn_act") == {
+        f"{backend}:{'onednn' if backend == 'cpu' else 'reference'}"
+    }
+    assert not t.fallbacks()
     with torch.no_grad():
-        assert_logits_close(fast(x), model(x), torch.float32)
+        assert_logits_close(y, model(x), torch.float32)
+
+
+def test_mobilenet_v2_depthwise_convs_fuse_on_the_cpu_backend():
+    """Depthwise 3x3s (groups = channels) fold and fuse; ReLU6 is no ReLU, so it stays."""
+    model = _torchvision("mobilenet_v2")
+    fast = fastcnn.optimize(model, backend="cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    depthwise = [m for m in fast.modules() if isinstance(m, ConvBNAct) and m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels for m in depthwise)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastcnn.trace() as t:
+        y = fast(x)
+    assert t.kernels("conv_bn_act") == {"cpu:onednn"} and not t.fallbacks()
+    with torch.no_grad():
+        assert_logits_close(y, model(x), torch.float32)
 
 
 def test_fastcnn_models_need_no_rewrite():

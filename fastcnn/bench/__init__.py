@@ -12,18 +12,21 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fastcnn.bench import peers
+from fastcnn.bench.isolated import OMP_WAIT_POLICY, Job, run_in_processes
+from fastcnn.bench.measure import DTYPES, INT8_MATCH_TOLERANCE, make_timer, model_input
 from fastcnn.bench.ops import OPS
-from fastcnn.bench.providers import PROVIDERS, build, channels_last, make_model
+from fastcnn.bench.providers import PROVIDERS, build, make_model
 from fastcnn.bench.results import ResultFile, time_interleaved
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "googlenet"]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Each provider's output is compared with the model (or op) run in a higher precision (float32
 # for fp16/bf16 runs, float64 for float32 ones); the error is relative to the output's scale.
 # The first provider (eager) rounds after every op, 2-3 times per layer; a fused provider rounds
@@ -43,17 +46,19 @@ def match_tolerance(dtype: torch.dtype, baseline_error: float) -> float:
     return max(MATCH_FACTOR * baseline_error, MATCH_FLOOR_ULPS * UNIT_ROUNDOFF[dtype])
 
 
-# --preset cpu: issue 6's CPU comparison, fastcnn against every CPU peer in one run (eager
-# channels_last, jit freeze + optimize_for_inference, Inductor with freezing) at batch 8, 2 threads.
+# --preset cpu: fastcnn against the runtimes CPU users pick (eager channels_last, Inductor with
+# freezing, OpenVINO, ONNX Runtime) at batch 1 and 8, 2 threads, each provider in 3 processes of
+# its own (see fastcnn/bench/isolated.py).
 PRESETS = {
     "cpu": dict(
         device="cpu",
         model="resnet50,googlenet",
-        batch="8",
+        batch="1,8",
         dtype="float32",
-        iters=10,
+        iters=12,
         threads=2,
-        providers="eager-cl,jit,compile,fastcnn-cpu",
+        processes=3,
+        providers="eager-cl,compile,openvino,onnxruntime,fastcnn-cpu",
     ),
 }
 # --precision int8: fastcnn.quantize against the int8 peers (fastcnn/bench/int8.py), with
@@ -67,7 +72,6 @@ INT8 = dict(
     threads=2,
     providers="fastcnn-cpu,fastcnn-int8,compile-int8,openvino-int8,onnxruntime-int8",
 )
-INT8_MATCH_TOLERANCE = 0.25  # int8 logits of random-weight models: SQNR ~30 dB
 DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
     "cpu": dict(
         model="resnet18,googlenet",
@@ -106,6 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision", choices=["fp32", "int8"], default="fp32",
         help="int8: fastcnn.quantize vs Inductor/OpenVINO/ONNX Runtime int8, CPU",
     )  # fmt: skip
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="time each (model, provider) in N processes of its own and report the median "
+        "(CPU, models only); default 0: all providers in this process, call by call",
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (GPU)")
     parser.add_argument(
         "--precompile",
@@ -130,6 +140,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--cuda-graphs needs --device cuda")
     if args.precompile and args.device != "cuda":
         args.precompile = False  # Triton's interpreter compiles nothing
+    args.processes = args.processes or 0
+    if args.processes and (args.device != "cpu" or args.op):
+        parser.error("--processes runs models on the CPU only (--device cpu, no --op)")
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -191,21 +204,7 @@ MAX_COPIES = 16
 
 def _timer(fn, x, args):
     """A no-argument callable to time: fn over rotating copies of x, or a CUDA graph of fn(x)."""
-    if not args.cuda_graphs:
-        copies = min(MAX_COPIES, max(1, -(-ROTATE_BYTES // (x.numel() * x.element_size()))))
-        inputs = [x] + [x.clone() for _ in range(copies - 1)]
-        turn = iter(range(1 << 62))
-        return lambda: fn(inputs[next(turn) % copies])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
-    return graph.replay
+    return make_timer(fn, x, args.cuda_graphs)
 
 
 def _workloads(args, dtype, build_s: dict):
@@ -231,11 +230,8 @@ def _workloads(args, dtype, build_s: dict):
                 built[provider] = exc
             build_s[(name, provider)] = time.perf_counter() - start
 
-        def make_input(batch, provider, name=name):
-            g = torch.Generator(device=args.device).manual_seed(batch)
-            x = torch.randn(batch, 3, args.size, args.size, device=args.device, generator=g)
-            x = x.to(dtype)
-            return x.contiguous(memory_format=torch.channels_last) if channels_last(provider) else x
+        def make_input(batch, provider):
+            return model_input(batch, provider, args.size, dtype, args.device)
 
         if args.precompile:
             _precompile(name, built, make_input, args.batches, build_s)
@@ -356,22 +352,58 @@ def _measure_group(args, name, built, make_input, reference, batch, dtype, build
     return group
 
 
+def run_isolated(args: argparse.Namespace, results: ResultFile | None = None) -> list[dict]:
+    """Each (model, provider) in args.processes processes of its own (fastcnn.bench.isolated);
+    speedups against the first provider and vs_best_peer per (model, batch)."""
+    jobs = [
+        Job(name, provider, args.batches, args.dtype, args.size, args.iters, args.threads or 0)
+        for name in args.models
+        for provider in args.provider_list
+    ]
+    progress = Progress(len(jobs) * args.processes)
+    rows = run_in_processes(jobs, args.processes, progress)
+    progress.close()
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"]), []).append(r)
+    for group in groups.values():
+        timed = [r for r in group if "ms" in r]
+        for r in timed:
+            r["speedup"] = timed[0]["ms"] / r["ms"]
+        _compare_with_best_peer(group)
+        if results is not None:
+            results.add(*group)
+    args.stopped_early = None
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     reference = args.provider_list[0]
+    timing = (
+        f"median of {args.iters} calls in each of {args.processes} processes per provider, "
+        "median of the processes"
+        if args.processes
+        else f"median of {args.iters} calls (providers interleaved call by call)"
+    )
     results = ResultFile(
         args.out / "results.json",
         "measurements",
         "fastcnn-bench",
-        f"{args.dtype}, {args.size}x{args.size}, inference_mode, median of {args.iters} calls "
-        "(providers interleaved call by call)"
+        f"{args.dtype}, {args.size}x{args.size}, inference_mode, {timing}"
         f"{', CUDA graphs' if args.cuda_graphs else ''}; speedup vs {reference}",
         device=args.device,
     )
     results.env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = run(args, results)
+    # how busy the machine was: other processes' load makes every timing noisier
+    load_start = os.getloadavg()[0]
+    if args.processes:
+        results.env["worker OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    results.env.update(peers.versions(args.provider_list))
+    rows = run_isolated(args, results) if args.processes else run(args, results)
+    results.env["load average 1 min (start, end)"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"
     table = results.finish(args.stopped_early or "yes")
     from fastcnn.bench.plot import plot_throughput
 

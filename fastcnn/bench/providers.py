@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 import fastcnn
+from fastcnn.bench import peers
 from fastcnn.bench.int8 import INT8_PROVIDERS, build_int8
 
 PROVIDERS = {
@@ -21,12 +22,14 @@ PROVIDERS = {
     "compile": "torch.compile(model) with Inductor freezing, channels_last",
     "compile-max": "torch.compile(model, mode='max-autotune') with freezing (compiles slowly)",
     "jit": "torch.jit.freeze + optimize_for_inference of the traced model, channels_last",
+    **peers.PEERS,  # fastcnn/bench/peers.py: NCHW in, each converts the layout itself
     **INT8_PROVIDERS,  # fastcnn/bench/int8.py: --precision int8
 }
 
 
 def channels_last(provider: str) -> bool:
-    return provider != "eager"
+    """Does provider take a channels_last input? (NCHW for eager and the fp32 peers.)"""
+    return provider != "eager" and provider not in peers.PEERS
 
 
 def make_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -72,6 +75,8 @@ def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Calla
     """A callable for `provider` (see PROVIDERS); model is left unchanged."""
     if provider == "eager":
         return model
+    if provider in peers.PEERS:
+        return peers.build(provider, model)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     if provider == "eager-cl":
         return cl

@@ -33,11 +33,17 @@ def time_ms(fn, iters: int, warmup: int = 10) -> float:
 
 
 def time_interleaved(fns: dict, iters: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds per call of each fn, sampled round-robin (one call of each, then the
-    next round), so that a machine whose speed drifts during the run (a shared CPU, GPU clocks)
-    weighs on every provider alike instead of on whichever ran in the slow minute. Each round
-    starts one provider further on: the place in a round matters too (measured on the CPU: a
-    25 MB output was 50% slower to produce first in a round than after another provider's)."""
+    """Median milliseconds per call of each fn, sampled round-robin (see time_samples)."""
+    return {name: statistics.median(t) for name, t in time_samples(fns, iters, warmup).items()}
+
+
+def time_samples(fns: dict, iters: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of each of `iters` calls of each fn, sampled round-robin (one call of each,
+    then the next round), so that a machine whose speed drifts during the run (a shared CPU, GPU
+    clocks) weighs on every provider alike instead of on whichever ran in the slow minute. Each
+    round starts one provider further on: the place in a round matters too (measured on the
+    CPU: a 25 MB output was 50% slower to produce first in a round than after another
+    provider's)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -46,7 +52,7 @@ def time_interleaved(fns: dict, iters: int, warmup: int = 3) -> dict[str, float]
     for i in range(iters):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             samples[name].append(_call_ms(fns[name]))
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return samples
 
 
 def _call_ms(fn) -> float:
@@ -138,6 +144,7 @@ COLUMNS = {
         ("provider", "{provider}"),
         ("img/s", "{img_per_s:.1f}"),
         ("latency ms", "{ms:.3f}"),
+        ("CPU ms", "{cpu_ms:.1f}"),
         ("speedup", "{speedup:.2f}x"),
         ("vs best peer", "{vs_best_peer:.2f}x"),
         ("setup s", "{setup_s:.1f}"),

@@ -10,6 +10,7 @@ tensors have no version counter, so only a new storage or shape counts for them)
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -22,6 +23,7 @@ _packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
 # weight packed for another shape is reordered again on every call (measured here: ResNet-50
 # packed at batch 1 and run at batch 8 took 557 ms instead of 424).
 SHAPES_PER_WEIGHT = 4
+_lock = threading.Lock()  # serving threads may pack the same weight for different shapes at once
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -37,34 +39,39 @@ def supports(dtype: torch.dtype) -> bool:
     return False
 
 
-def _signature(weight: torch.Tensor) -> tuple:
+def signature(weight: torch.Tensor) -> tuple:
     # Inference tensors (made under torch.inference_mode) have no version counter: for them an
     # in-place change of the same storage goes unnoticed; a new tensor is always noticed.
     version = None if weight.is_inference() else weight._version
     return (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
 
 
-def prepacked(weight: torch.Tensor, padding, stride, input_shape) -> torch.Tensor:
+def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
     """weight in oneDNN's blocked layout for this input shape, packed once (per weight version
     and shape; the last SHAPES_PER_WEIGHT shapes are kept)."""
     key, shape = id(weight), tuple(input_shape)
-    signature = _signature(weight)
     hit = _packed.get(key)
-    if hit is None:
-        weakref.finalize(weight, _packed.pop, key, None)
-    if hit is None or hit[0] != signature:  # new weight, or its values changed: repack all
-        # the storage is kept with the entry, so that its address (in the signature) cannot be
-        # reused by new values (weight.data = ...) while the entry lives
-        hit = _packed[key] = (signature, {}, weight.untyped_storage())
-    by_shape = hit[1]
-    packed = by_shape.get(shape)
-    if packed is None:
-        packed = _mkldnn._reorder_convolution_weight(
-            weight.contiguous(), list(padding), list(stride), [1, 1], 1, list(shape)
-        )
-        if len(by_shape) >= SHAPES_PER_WEIGHT:
-            del by_shape[next(iter(by_shape))]  # the oldest shape
-        by_shape[shape] = packed
+    if hit is not None and hit[0] == signature(weight):
+        packed = hit[1].get(shape)
+        if packed is not None:
+            return packed
+    with _lock:
+        hit = _packed.get(key)
+        if hit is None:
+            weakref.finalize(weight, _packed.pop, key, None)
+        if hit is None or hit[0] != signature(weight):  # new weight, or its values changed
+            # the storage is kept with the entry, so that its address (in the signature) cannot
+            # be reused by new values (weight.data = ...) while the entry lives
+            hit = _packed[key] = (signature(weight), {}, weight.untyped_storage())
+        by_shape = hit[1]
+        packed = by_shape.get(shape)
+        if packed is None:
+            packed = _mkldnn._reorder_convolution_weight(
+                weight.contiguous(), list(padding), list(stride), [1, 1], groups, list(shape)
+            )
+            if len(by_shape) >= SHAPES_PER_WEIGHT:
+                del by_shape[next(iter(by_shape))]  # the oldest shape
+            by_shape[shape] = packed
     return packed
 
 
@@ -89,24 +96,38 @@ def conv_bn_act(
     residual: torch.Tensor | None,
     relu: bool,
     in_place: bool = False,
+    groups: int = 1,
 ) -> torch.Tensor:
     """relu(conv2d(x, weight, bias) + residual) as one oneDNN primitive; returns a new tensor
     (channels_last for a channels_last x), or with in_place=True the residual itself, overwritten
     with the result (as Inductor's CPU path does for ResNet's shortcut: no new allocation, whose
-    page faults cost as much as a small conv). groups=1, dilation=1, a dtype `supports` accepts."""
-    w = prepacked(weight, padding, stride, x.shape)
+    page faults cost as much as a small conv). Grouped (and depthwise) convolutions are oneDNN's
+    groups; dilation=1; a dtype `supports` accepts."""
+    w = prepacked(weight, padding, stride, x.shape, groups)
     pad, st, dil = list(padding), list(stride), [1, 1]
     if residual is None:
         return _mkldnn._convolution_pointwise(
-            x, w, bias, pad, st, dil, 1, "relu" if relu else "none", [], ""
+            x, w, bias, pad, st, dil, groups, "relu" if relu else "none", [], ""
         )
     if residual_copy_reason(x, residual) is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
         in_place = False  # the converted copy is a new tensor already
     if in_place:  # the binary add's operand is also its destination: no new output tensor
         return _mkldnn._convolution_pointwise_.binary(
-            residual, x, w, bias, pad, st, dil, 1, "add", None, "relu" if relu else None, [], ""
+            residual,
+            x,
+            w,
+            bias,
+            pad,
+            st,
+            dil,
+            groups,
+            "add",
+            None,
+            "relu" if relu else None,
+            [],
+            "",
         )
     return _mkldnn._convolution_pointwise.binary(
-        x, residual, w, bias, pad, st, dil, 1, "add", None, "relu" if relu else "none", [], ""
+        x, residual, w, bias, pad, st, dil, groups, "add", None, "relu" if relu else "none", [], ""
     )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastcnn import _backend, _trace, ops
+from fastcnn.cpu.plan import Plans
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import can_skip_dispatcher
@@ -61,7 +62,7 @@ class ConvBNAct(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels, device=device, dtype=dtype))
         # Launch plans per input layout and backend (fastcnn.ops.conv_bn_act.plan): checks and
         # backend pick done once, later calls only launch.
-        self._plans: dict = {}
+        self._plans = Plans()  # bounded, safe to share between threads
 
     @staticmethod
     def unsupported_reason(conv: nn.Conv2d) -> str | None:
@@ -162,7 +163,7 @@ class ConvBNAct(nn.Module):
         if run is None:
             args = (self.stride, self.padding, self.groups, self.dilation, residual, self.relu)
             run = plan_conv(x, w, b, *args, in_place=in_place) or False
-            self._plans[key] = run
+            self._plans.add(key, run)
         return run or None
 
     def extra_repr(self) -> str:

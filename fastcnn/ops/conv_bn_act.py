@@ -72,14 +72,14 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
     copy = onednn.residual_copy_reason(x, residual)
     _trace.record(_OP, "cpu", "onednn", copy)
     in_place = out is not None and out is residual
-    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place)
+    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
     return y if y is out else as_result(x, y, out)
 
 
 _IMPLS = {"triton": _triton_impl, "cuda": _cuda_impl, "cpu": _cpu_impl, "eager": _eager}
-# The implementations with a grouped kernel (one GEMM per group); other backends run grouped
-# convolutions through the reference.
-_GROUPED_IMPLS = {_triton_impl}
+# The implementations with a grouped kernel (Triton: one GEMM per group; oneDNN's groups; the
+# reference is eager's own kernel); the extension's CUDA convs run grouped ones as the reference.
+_GROUPED_IMPLS = {_triton_impl, _cpu_impl, _eager}
 
 
 def _pair(name: str, value, minimum: int, op: str = _OP) -> Pair:
@@ -168,7 +168,7 @@ def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out
                 residual = out  # one object, so that backends can tell an in-place call
     impl = _backend.pick(_OP, x.device, _IMPLS) if dilation == [1, 1] else None
     if impl is None or (groups != 1 and impl not in _GROUPED_IMPLS):
-        why = "groups > 1 and dilation != 1 have no fused kernel (grouped: Triton's only)"
+        why = "groups > 1 and dilation != 1 have no fused kernel (grouped: triton, cpu, eager)"
         _backend.note_once(
             (_OP, "groups/dilation"),
             f"fastcnn.ops.{_OP}: {why}; such convolutions run the eager reference",
@@ -257,8 +257,9 @@ def conv_bn_act(
     of a larger channels_last tensor (only those channels are written); it must not overlap x,
     weight or bias. It may be the residual itself (in place: ResNet's shortcut dies at the add,
     so its buffer can take the result; fastcnn.optimize does this where the graph shows it
-    safe). groups > 1 runs one GEMM per group on the "triton" backend; dilation != 1, and
-    groups > 1 on the other backends, run the eager reference (with a one-time note).
+    safe). groups > 1 (grouped and depthwise convolutions) runs one GEMM per group on the
+    "triton" backend and oneDNN's groups on "cpu"; dilation != 1, and groups > 1 on "cuda", run
+    the eager reference (with a one-time note).
 
     Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cuda" (the extension: 1x1
     stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs

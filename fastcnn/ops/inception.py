@@ -72,30 +72,18 @@ def _eager(*args):
 
 
 def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
-    """oneDNN: the three 1x1 convs as one primitive (bias + ReLU post-ops), the kxk convs on
-    channel slices of its result, the pool branch, then one concat written into the output.
-    oneDNN (through torch's ops) cannot write into a slice, hence the concat here."""
-    from fastcnn.cpu import onednn
-    from fastcnn.cpu.pool import max_pool2d_or_torch
+    """oneDNN convs (bias + ReLU post-ops) in the block structure timed fastest here for this
+    shape (fastcnn/cpu/inception.py), the pool branch, then one concat written into the output:
+    torch's oneDNN ops cannot write into a channel slice, hence the concat."""
+    from fastcnn.cpu import inception, onednn
 
     if not onednn.supports(x.dtype):
         why = f"oneDNN cannot run {x.dtype} convolutions on this CPU"
         _backend.note_once((_OP, f"cpu-{x.dtype}"), f"fastcnn.ops.{_OP}: {why}; the reference runs")
         _trace.record(_OP, "cpu", "reference", why)
         return _reference(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
-    _trace.record(_OP, "cpu", "onednn+cat")
-    c1, c2r, _ = widths
-    one, zero = (1, 1), (0, 0)
-    reduced = onednn.conv_bn_act(x, rw, rb, one, zero, None, True)
-    branches = [reduced[:, :c1]]
-    for weight, bias, src in (
-        (w2, b2, reduced[:, c1 : c1 + c2r]),
-        (w3, b3, reduced[:, c1 + c2r :]),
-    ):
-        k = weight.shape[-1] // 2
-        branches.append(onednn.conv_bn_act(src, weight, bias, one, (k, k), None, True))
-    pooled = max_pool2d_or_torch(x, pool, 1, pool // 2, True)
-    branches.append(onednn.conv_bn_act(pooled, w4, b4, one, zero, None, True))
+    branches, variant = inception.branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
+    _trace.record(_OP, "cpu", f"onednn+cat ({variant} 1x1s)")
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
     return torch.cat(branches, 1, out=out)

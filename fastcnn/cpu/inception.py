@@ -1,0 +1,107 @@
+"""The Inception block on the cpu backend (oneDNN through torch's mkldnn ops), in the structure
+that is faster on this machine for this input shape, chosen by timing both on the first call:
+
+  merged:   branch 1's 1x1 and the two reduce 1x1s as ONE conv over their concatenated weights
+            (one pass over x, a wider GEMM), the kxk convs reading channel slices of its output;
+            torch's oneDNN op copies such a slice to a dense tensor first (two copies a block).
+  separate: the three 1x1 convs on x apart (three passes over x), every output dense: no copies.
+
+Which wins depends on the CPU, the batch and the block (measured on one Xeon: merged at batch 1,
+where the wider GEMM keeps both cores busy and the copies are small; separate at batch 8). Both
+end with the pool branch and one concat into the output (torch's oneDNN ops cannot write into
+a channel slice without reading it back). The choice is kept per block and input shape, at
+most onednn.SHAPES_PER_WEIGHT shapes per block, and dies with the block's weights.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+
+import torch
+
+from fastcnn import _trace
+from fastcnn.cpu import onednn
+from fastcnn.cpu.pool import max_pool2d_or_torch
+
+VARIANTS = ("merged", "separate")
+TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
+
+_lock = threading.Lock()
+# id(reduce_weight) -> (its signature, the three 1x1 weights and biases apart, {shape: variant})
+_blocks: dict[int, tuple[tuple, tuple, dict[tuple, str]]] = {}
+
+
+def _split(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
+    """((w1, b1), (w2r, b2r), (w3r, b3r)): the merged 1x1 weight's three parts, as tensors of
+    their own (stable identities, so each is packed once)."""
+    ws = torch.split(rw, list(widths))
+    bs = torch.split(rb, list(widths))
+    return tuple(
+        (w.contiguous().clone(), b.contiguous().clone()) for w, b in zip(ws, bs, strict=True)
+    )
+
+
+def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
+    key = id(rw)
+    hit = _blocks.get(key)
+    if hit is not None and hit[0] == onednn.signature(rw):
+        return hit
+    with _lock:
+        hit = _blocks.get(key)
+        if hit is None:
+            weakref.finalize(rw, _blocks.pop, key, None)
+        if hit is None or hit[0] != onednn.signature(rw):
+            hit = _blocks[key] = (onednn.signature(rw), _split(rw, rb, widths), {})
+        return hit
+
+
+def _conv(x, w, b, k: int = 1) -> torch.Tensor:
+    return onednn.conv_bn_act(x, w, b, (1, 1), (k // 2, k // 2), None, True)
+
+
+def _branches(variant: str, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool) -> list:
+    if variant == "merged":
+        c1, c2r, _ = widths
+        reduced = _conv(x, rw, rb)
+        y1, r2, r3 = reduced[:, :c1], reduced[:, c1 : c1 + c2r], reduced[:, c1 + c2r :]
+    else:
+        y1, r2, r3 = (_conv(x, w, b) for w, b in parts)
+    y2 = _conv(r2, w2, b2, w2.shape[-1])
+    y3 = _conv(r3, w3, b3, w3.shape[-1])
+    y4 = _conv(max_pool2d_or_torch(x, pool, 1, pool // 2, True), w4, b4)
+    return [y1, y2, y3, y4]
+
+
+def _choose(run) -> str:
+    """The variant whose fastest of TRIALS calls (after one untimed call each: packing) is
+    fastest, sampled alternately so a drifting machine weighs on both alike."""
+    for variant in VARIANTS:
+        run(variant)
+    best = dict.fromkeys(VARIANTS, float("inf"))
+    for _ in range(TRIALS):
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            run(variant)
+            best[variant] = min(best[variant], time.perf_counter() - start)
+    return min(VARIANTS, key=best.__getitem__)
+
+
+def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
+    """(the four branch outputs of fastcnn.ops.inception through oneDNN, the variant run)."""
+    _, parts, chosen = _block(rw, rb, widths)
+    shape = tuple(x.shape)
+    variant = chosen.get(shape)
+    if variant is None:
+
+        def run(v):
+            return _branches(v, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool)
+
+        with _trace.trace():  # the trial calls' pool events are not this call's
+            variant = _choose(run)
+        with _lock:
+            if len(chosen) >= onednn.SHAPES_PER_WEIGHT:
+                chosen.pop(next(iter(chosen)), None)  # the oldest shape
+            chosen[shape] = variant
+    return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant

@@ -1,0 +1,75 @@
+"""The cpu backend's Inception block: both structures (merged and separate 1x1 convs) against
+the float64 reference, the one timed faster chosen once per block and input shape, recorded in
+the trace, and dropped with the block's weights."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from fastcnn_testing import random_tensor, randomize_batchnorm
+from torchvision.models.googlenet import Inception
+
+import fastcnn
+from fastcnn import reference
+from fastcnn.cpu import inception, onednn
+
+pytestmark = pytest.mark.skipif(
+    not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
+)
+
+
+def _fused():
+    torch.manual_seed(0)
+    block = randomize_batchnorm(Inception(19, 8, 6, 10, 3, 5, 7), seed=1).eval()
+    return fastcnn.nn.FusedInception.from_module(block)
+
+
+def _args(fused):
+    return (
+        fused.reduce_weight, fused.reduce_bias, fused.widths, fused.w2, fused.b2, fused.w3,
+        fused.b3, fused.w4, fused.b4, fused.pool,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_each_structure_matches_the_reference(variant, monkeypatch):
+    fused = _fused()
+    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+    with torch.no_grad(), fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        out = fused(x)
+    assert t.kernels("inception") == {f"cpu:onednn+cat ({variant} 1x1s)"}
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in _args(fused)]
+    expected = reference.inception(x.double(), *args)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_structure_is_chosen_once_per_shape_and_dies_with_the_block():
+    fused = _fused()
+    calls = []
+    real_choose = inception._choose
+
+    def counting_choose(run):
+        calls.append(1)
+        return real_choose(run)
+
+    x1 = random_tensor((1, 19, 7, 9), torch.float32, "cpu", channels_last=True)
+    x2 = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True)
+    inception._choose = counting_choose
+    try:
+        with torch.no_grad(), fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+            for x in (x1, x1, x2, x2, x1):
+                fused(x)
+    finally:
+        inception._choose = real_choose
+    assert len(calls) == 2  # one timing per input shape
+    assert t.counts("max_pool2d").total() == 5  # the timing runs' own pools are not recorded
+    chosen = inception._blocks[id(fused.reduce_weight)][2]
+    assert set(chosen) == {tuple(x1.shape), tuple(x2.shape)}
+    assert set(chosen.values()) <= set(inception.VARIANTS)
+    key = id(fused.reduce_weight)
+    del fused
+    gc.collect()
+    assert key not in inception._blocks

@@ -1,0 +1,91 @@
+"""Serving: several threads calling one optimized model at once with mixed batch sizes get the
+same results as one thread, and what is kept per input shape stays within its documented bound
+(fastcnn/cpu/plan.py, fastcnn/cpu/onednn.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torchvision
+from fastcnn_testing import assert_logits_close, randomize_batchnorm
+
+import fastcnn
+from fastcnn.cpu import inception, onednn, plan
+from fastcnn.nn import ConvBNAct
+
+pytestmark = pytest.mark.skipif(
+    not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
+)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(num_classes=10, **kwargs)
+    return randomize_batchnorm(model, seed=1).eval().to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_threads_with_mixed_batches_get_single_thread_results(name):
+    model = _model(name)
+    fast = fastcnn.optimize(model, backend="cpu")
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(b, 3, 40, 40, generator=g).contiguous(memory_format=torch.channels_last)
+        for b in (1, 3, 2, 1, 3, 2)
+    ]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def serve(worker: int) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                for round_ in range(3):
+                    for i in range(len(inputs)):
+                        j = (i + worker) % len(inputs)  # each thread its own order of batches
+                        results[(worker, round_ * 100 + j)] = fast(inputs[j])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 4 * 3 * len(inputs)
+    for (_, key), y in results.items():
+        assert_logits_close(y, expected[key % 100], torch.float32)
+
+
+def test_what_is_kept_per_shape_is_bounded():
+    """More input shapes than the bounds: plans and packed weights stay within them, and the
+    results stay right."""
+    model = _model("resnet18")
+    fast = fastcnn.optimize(model, backend="cpu")
+    convs = [m for m in fast.modules() if isinstance(m, ConvBNAct)]
+    with torch.no_grad():
+        for b in range(1, plan.MAX_PLANS + onednn.SHAPES_PER_WEIGHT + 2):
+            x = torch.randn(b, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            assert_logits_close(fast(x), model(x), torch.float32)
+    assert all(len(c._plans) <= plan.MAX_PLANS for c in convs)
+    assert any(len(c._plans) == plan.MAX_PLANS for c in convs)
+    assert all(len(onednn._packed[id(c.weight)][1]) == onednn.SHAPES_PER_WEIGHT for c in convs)
+
+
+def test_inception_choices_are_bounded():
+    model = _model("googlenet")
+    fast = fastcnn.optimize(model, backend="cpu")
+    with torch.no_grad():
+        for b in range(1, onednn.SHAPES_PER_WEIGHT + 3):
+            fast(torch.randn(b, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    blocks = [m for m in fast.modules() if isinstance(m, fastcnn.nn.FusedInception)]
+    assert len(blocks) == 9
+    for block in blocks:
+        assert len(inception._blocks[id(block.reduce_weight)][2]) == onednn.SHAPES_PER_WEIGHT
