@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcnn.triton._common import interpreting
+from fastcnn.triton._common import conv_meta, gemm_tile, interpreting, output_pixels
 
 # Hopper-leaning configs (H100/H200): large tiles with 3-4 stages feed wgmma; smaller ones cover
 # narrow layers (Cout 16-64) and small M. Keyed on the GEMM shape, tuned once per GPU and kept.
@@ -96,15 +96,7 @@ def _conv_bn_act_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Grouped program order: GROUP_M row blocks share each weight column block while in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = gemm_tile(M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     # A grouped convolution is one GEMM per group in the same launch: program_id(1) is the
     # group, C_IN and N_OUT its own channel counts, its channels at these offsets.
     conv_group = tl.program_id(1)
@@ -119,11 +111,7 @@ def _conv_bn_act_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_OUT
-    wo = offs_m % WO
-    ho = (offs_m // WO) % HO
-    img = (offs_m // (WO * HO)).to(tl.int64)
-    hi0 = ho * STRIDE_H - PAD_H
-    wi0 = wo * STRIDE_W - PAD_W
+    img, ho, wo, hi0, wi0 = output_pixels(offs_m, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
     x_img = x_ptr + img * sxn  # [BLOCK_M] pointers to each output pixel's image
     w_cols = w_ptr + offs_n * swo  # [BLOCK_N] pointers to each output channel's filter
 
@@ -465,15 +453,7 @@ def _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, gro
     )  # fmt: skip
     flat_k = c_in < _FLAT_K_BELOW and not pool
     meta = dict(
-        KH=kh,
-        KW=kw,
-        STRIDE_H=stride[0],
-        STRIDE_W=stride[1],
-        PAD_H=padding[0],
-        PAD_W=padding[1],
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
+        **conv_meta(kh, kw, stride, padding, bias is not None, residual is not None, relu),
         FLAT_K=flat_k,
         POOL=pool,
         HAS_SPLIT=out2 is not None,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastcnn.reference import requantize_multiplier
-from fastcnn.triton._common import interpreting
+from fastcnn.triton._common import conv_meta, gemm_tile, interpreting, output_pixels
 
 # Ampere/Hopper int8 tiles: K chunks of 64-128 bytes feed mma.m16n8k32 / wgmma k32.
 _GPU_CONFIGS = [
@@ -61,25 +61,14 @@ def _conv_int8_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = gemm_tile(M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N_OUT
-    wo = offs_m % WO
-    ho = (offs_m // WO) % HO
-    img = (offs_m // (WO * HO)).to(tl.int64)
-    hi0 = ho * STRIDE_H - PAD_H
-    wi0 = wo * STRIDE_W - PAD_W
+    img, ho, wo, hi0, wi0 = output_pixels(offs_m, HO, WO, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
     x_img = x_ptr + img * sxn
     w_cols = w_ptr + offs_n * swo
 
@@ -196,17 +185,7 @@ def conv_int8_out(
         *scalar_args(x_zp, r_zp, out_zp, r_scale, out_scale),
         triton.next_power_of_2(m),
     )  # fmt: skip
-    meta = dict(
-        KH=kh,
-        KW=kw,
-        STRIDE_H=stride[0],
-        STRIDE_W=stride[1],
-        PAD_H=padding[0],
-        PAD_W=padding[1],
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
-    )
+    meta = conv_meta(kh, kw, stride, padding, bias is not None, residual is not None, relu)
 
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
