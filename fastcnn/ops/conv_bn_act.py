@@ -198,17 +198,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None:
             _checks.check_tensor(_OP, name, t)
-    args = (
-        x,
-        weight,
-        bias,
-        _pair("stride", stride, 1),
-        _pair("padding", padding, 0),
-        groups,
-        _pair("dilation", dilation, 1),
-        residual,
-        relu,
-    )
+    args = _op_args(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _validate(*args, residual if in_place else None)
     if args[6] != [1, 1]:
         return None
@@ -283,7 +273,13 @@ def conv_bn_act(
         raise TypeError(f"fastcnn.ops.{_OP}: groups must be an int, got {groups!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"fastcnn.ops.{_OP}: relu must be a bool, got {relu!r}")
-    args = (
+    args = _op_args(x, weight, bias, stride, padding, groups, dilation, residual, relu)
+    return _op(*args, out=out)
+
+
+def _op_args(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> tuple:
+    """The registered op's positional arguments, int-or-pair arguments as checked pairs."""
+    return (
         x,
         weight,
         bias,
@@ -294,4 +290,3 @@ def conv_bn_act(
         residual,
         relu,
     )
-    return _op(*args, out=out)
