@@ -27,6 +27,13 @@ TORCH_LIBRARY(fastcnn_ext, m) {
   m.def(
       "max_pool2d_out(Tensor x, int[2] kernel, int[2] stride, int[2] padding, Tensor(a!) out) "
       "-> ()");
+  // fastcnn.quantize's float <-> uint8 conversions, one pass each (cpu/quantize.cpp); in and
+  // out dense with the same strides. CPU only.
+  m.def("quantize_u8_out(Tensor x, float scale, int zero_point, Tensor(a!) out) -> ()");
+  m.def("dequantize_u8_out(Tensor q, float scale, int zero_point, Tensor(a!) out) -> ()");
+  m.def(
+      "requantize_u8_out(Tensor q, float scale, int zero_point, float out_scale, "
+      "int out_zero_point, Tensor(a!) out) -> ()");
   // The eval-mode Inception block of fastcnn.ops.inception, written into out. CUDA only.
   m.def(
       "inception_out(Tensor x, Tensor reduce_weight, Tensor reduce_bias, int[3] widths, "

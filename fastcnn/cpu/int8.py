@@ -14,12 +14,22 @@ fix does), and the op runs the exact reference otherwise.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from fastcnn import _extension, _trace
+from fastcnn.ops import _alloc
+from fastcnn.ops._dispatch import can_skip_dispatcher
+
 _onednn = torch.ops.onednn
+# The overloads themselves: resolving a packet's overload costs microseconds on every call.
+_qconv = _onednn.qconv_pointwise.default
+_qconv_sum = _onednn.qconv2d_pointwise.binary
+_CL = torch.channels_last
 
 # |weight| bound below which vpmaddubsw's int16 pair sums cannot saturate: 255 * 63 * 2 < 32767.
 NO_VNNI_WEIGHT_MAX = 63
@@ -60,12 +70,17 @@ def exact_here(weight_max: int) -> bool:
     return isa() != "none" and (has_vnni() or weight_max <= NO_VNNI_WEIGHT_MAX)
 
 
-# id(weight) -> (signature, {(input shape, x_scale, x_zp): packed}); dies with the weight.
-_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor]]] = {}
+# id(weight) -> (signature, {(input shape, x_scale, x_zp): packed}, pinned storage); an entry
+# dies with its weight. The storage is kept with the entry so that its address (in the
+# signature) cannot come back with new values while the entry lives.
+_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
 SHAPES_PER_WEIGHT = 4  # as fastcnn.cpu.onednn: a pack for another input shape is reordered per call
+_lock = threading.Lock()  # serving threads may pack one weight for two shapes at once
 
 
-def _signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
+def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
+    """What a packed weight depends on (inference tensors have no version counter: a new
+    tensor is noticed, an in-place change of one is not)."""
     version = None if weight.is_inference() else weight._version
     return (weight.data_ptr(), version, tuple(weight.shape), weight_scale.data_ptr())
 
@@ -74,30 +89,28 @@ def prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x_shape) -> 
     """weight in oneDNN's blocked int8 layout for this input shape and input quantization,
     packed once (the last SHAPES_PER_WEIGHT shapes are kept)."""
     key = id(weight)
-    signature = _signature(weight, weight_scale)
-    hit = _packed.get(key)
-    if hit is None:
-        weakref.finalize(weight, _packed.pop, key, None)
-    if hit is None or hit[0] != signature:
-        hit = _packed[key] = (signature, {})
-    by_shape = hit[1]
     shape_key = (tuple(x_shape), x_scale, x_zp)
-    packed = by_shape.get(shape_key)
-    if packed is None:
-        packed = _onednn.qconv_prepack(
-            weight.contiguous(),
-            weight_scale,
-            x_scale,
-            x_zp,
-            list(stride),
-            list(padding),
-            [1, 1],
-            1,
-            list(x_shape),
-        )
-        if len(by_shape) >= SHAPES_PER_WEIGHT:
-            del by_shape[next(iter(by_shape))]
-        by_shape[shape_key] = packed
+    hit = _packed.get(key)
+    if hit is not None and hit[0] == signature(weight, weight_scale):
+        packed = hit[1].get(shape_key)
+        if packed is not None:
+            return packed
+    with _lock:
+        hit = _packed.get(key)
+        if hit is None:
+            weakref.finalize(weight, _packed.pop, key, None)
+        if hit is None or hit[0] != signature(weight, weight_scale):
+            hit = _packed[key] = (signature(weight, weight_scale), {}, weight.untyped_storage())
+        by_shape = hit[1]
+        packed = by_shape.get(shape_key)
+        if packed is None:
+            packed = _onednn.qconv_prepack(
+                weight.contiguous(), weight_scale, x_scale, x_zp, list(stride), list(padding),
+                [1, 1], 1, list(x_shape),
+            )  # fmt: skip
+            if len(by_shape) >= SHAPES_PER_WEIGHT:
+                del by_shape[next(iter(by_shape))]
+            by_shape[shape_key] = packed
     return packed
 
 
@@ -124,7 +137,7 @@ def qconv_bn_act(
     st, pad, dil = list(stride), list(padding), [1, 1]
     act = "relu" if relu else "none"
     if residual is None:
-        return _onednn.qconv_pointwise(
+        return _qconv(
             x, x_scale, x_zp, w, weight_scale, zps, bias, st, pad, dil, 1,
             out_scale, out_zp, torch.uint8, act, [], "",
         )  # fmt: skip
@@ -132,7 +145,103 @@ def qconv_bn_act(
         accumulate_into = residual.contiguous(memory_format=torch.channels_last)
         if accumulate_into is residual:
             accumulate_into = residual.clone(memory_format=torch.channels_last)
-    return _onednn.qconv2d_pointwise.binary(
+    # The op writes the result over accumulate_into and returns a copy of it (its schema must
+    # not return an alias): the buffer it wrote is the result, the copy is dropped.
+    _qconv_sum(
         x, x_scale, x_zp, w, weight_scale, zps, accumulate_into, bias, st, pad, dil, 1,
         out_scale, out_zp, torch.uint8, r_scale, r_zp, "sum", 1.0, act, [], "",
     )  # fmt: skip
+    return accumulate_into
+
+
+def plan(
+    x, weight, weight_scale, bias, stride, padding, relu, qparams, residual, in_place, events,
+) -> Callable | None:  # fmt: skip
+    """A plan for later calls like this one (same shapes and strides): run(x, residual, weight,
+    weight_scale, bias, qparams) -> the uint8 result, or None when any of those is no longer
+    what was planned for (a new or changed tensor, new qparams: take the op again). It records
+    `events` (what the op recorded for this call) and runs the one oneDNN primitive; None where
+    such calls must always take the op (x not channels_last: the op converts it).
+
+    qparams: ((x_scale, x_zp), (out_scale, out_zp), (residual_scale, residual_zp)).
+    in_place: the residual's buffer becomes the result (it must be channels_last), else a copy
+    of the residual is made first (oneDNN's sum post-op overwrites its operand)."""
+    if not x.is_contiguous(memory_format=_CL):
+        return None
+    if residual is not None and in_place and not residual.is_contiguous(memory_format=_CL):
+        return None
+    (xs, xz), (os_, oz), (rs, rz) = qparams
+    packed = prepacked(weight, weight_scale, xs, xz, stride, padding, x.shape)
+    planned = signature(weight, weight_scale)
+    zps = _weight_zero_points(weight.shape[0])
+    st, pad, dil = list(stride), list(padding), [1, 1]
+    act = "relu" if relu else "none"
+    events = tuple(events)
+    record = _trace.record
+
+    def stale(w, ws, b, q) -> bool:
+        return (
+            w is not weight or ws is not weight_scale or b is not bias or q != qparams
+            or signature(w, ws) != planned
+        )  # fmt: skip
+
+    def run(x, residual, w, ws, b, q):
+        if stale(w, ws, b, q):
+            return None
+        for event in events:
+            record(*event)
+        if residual is None:
+            return _qconv(
+                x, xs, xz, packed, ws, zps, b, st, pad, dil, 1, os_, oz, torch.uint8, act, [], ""
+            )
+        acc = residual if in_place else residual.clone(memory_format=_CL)
+        _qconv_sum(
+            x, xs, xz, packed, ws, zps, acc, b, st, pad, dil, 1, os_, oz, torch.uint8,
+            rs, rz, "sum", 1.0, act, [], "",
+        )  # fmt: skip
+        return acc
+
+    return run
+
+
+# The float <-> uint8 conversions at a quantized region's edges (fastcnn.nn.quantized's
+# Quantize, Dequantize, Requantize): one pass each in the extension (csrc/cpu/quantize.cpp),
+# bit-identical to the torch expression they replace, which still runs where the extension
+# cannot (and records why on a CPU).
+
+
+def conversion_unsupported(x: torch.Tensor) -> str | None:
+    """Why the extension's one-pass conversion cannot take x, or None."""
+    if x.device.type != "cpu":
+        return "not a CPU tensor"
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=_CL))):
+        return "the input is neither contiguous nor channels_last"
+    if not can_skip_dispatcher(x):
+        return "torch.compile, export or autograd must see the torch expression"
+    if _extension.load() is None:
+        return "the C++ extension did not build"
+    return None
+
+
+def _out_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=_CL)
+    return _alloc.empty(x.shape, x, _CL if cl else torch.contiguous_format, dtype=dtype)
+
+
+def quantize(x: torch.Tensor, qparams: tuple) -> torch.Tensor:
+    """float32 x (dense) -> uint8 in x's layout, qparams = (scale, zero_point); one pass."""
+    out = _out_like(x, torch.uint8)
+    _extension.ops().quantize_u8_out(x, *qparams, out)
+    return out
+
+
+def dequantize(q: torch.Tensor, qparams: tuple) -> torch.Tensor:
+    out = _out_like(q, torch.float32)
+    _extension.ops().dequantize_u8_out(q, *qparams, out)
+    return out
+
+
+def requantize(q: torch.Tensor, source: tuple, target: tuple) -> torch.Tensor:
+    out = _out_like(q, torch.uint8)
+    _extension.ops().requantize_u8_out(q, *source, *target, out)
+    return out

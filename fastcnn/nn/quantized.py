@@ -9,10 +9,12 @@ their state_dict through nn.Module's extra state, so a quantized model's state_d
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
-from fastcnn import _backend, ops
+from fastcnn import _backend, _trace, ops
 from fastcnn.ops._dispatch import can_skip_dispatcher
 from fastcnn.reference import round_half_even
 
@@ -62,6 +64,9 @@ class _QParamsModule(nn.Module):
         return {name: getattr(self, name) for name in self._QPARAMS}
 
     def set_extra_state(self, state) -> None:
+        plans = getattr(self, "_plans", None)
+        if plans is not None:
+            plans.clear()
         for name in self._QPARAMS:
             value = state[name]
             if name.endswith("qparams"):
@@ -81,7 +86,9 @@ class Quantize(_QParamsModule):
         self.qparams = QParams(*qparams)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_tensor(x, self.qparams)
+        if x.dim() == 4 and x.dtype == torch.float32:  # the result is channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _convert("quantize", x, quantize_tensor, self.qparams)
 
     def extra_repr(self) -> str:
         return f"scale={self.qparams.scale:.4g}, zero_point={self.qparams.zero_point}"
@@ -91,7 +98,7 @@ class Dequantize(Quantize):
     """uint8 -> float32 (where a quantized region ends)."""
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return dequantize_tensor(q, self.qparams)
+        return _convert("dequantize", q, dequantize_tensor, self.qparams)
 
 
 class Requantize(_QParamsModule):
@@ -105,10 +112,36 @@ class Requantize(_QParamsModule):
         self.source_qparams, self.target_qparams = QParams(*source), QParams(*target)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return quantize_tensor(dequantize_tensor(q, self.source_qparams), self.target_qparams)
+        return _convert("requantize", q, _requantize_tensor, self.source_qparams,
+                        self.target_qparams)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{self.source_qparams} -> {self.target_qparams}"
+
+
+def _requantize_tensor(q: torch.Tensor, source: QParams, target: QParams) -> torch.Tensor:
+    return quantize_tensor(dequantize_tensor(q, source), target)
+
+
+def _convert(kind: str, x: torch.Tensor, expression, *qparams) -> torch.Tensor:
+    """A conversion by the extension's one-pass CPU kernel where it can take x (the same
+    arithmetic), else by `expression` (torch ops), recorded in the trace as op `kind`."""
+    from fastcnn.cpu import int8
+
+    dtype_ok = x.dtype in _CONVERT_DTYPES[kind]
+    why = int8.conversion_unsupported(x) if dtype_ok else f"a {x.dtype} input"
+    if why is None:
+        _trace.record(kind, "cpu", "one_pass")
+        return getattr(int8, kind)(x, *qparams)
+    _trace.record(kind, "aten", "expression", why if x.device.type == "cpu" else None)
+    return expression(x, *qparams)
+
+
+_CONVERT_DTYPES = {
+    "quantize": (torch.float32,),
+    "dequantize": (torch.uint8,),
+    "requantize": (torch.uint8,),
+}
 
 
 class QConvBNAct(_QParamsModule):
@@ -145,6 +178,7 @@ class QConvBNAct(_QParamsModule):
         super().__init__()
         self.backend = backend
         self.overwrite_residual = False
+        self._plans = _Plans()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.relu = tuple(stride), tuple(padding), relu
@@ -193,6 +227,48 @@ class QConvBNAct(_QParamsModule):
         return module
 
     def forward(self, x, residual=None, out=None):
+        if out is None and x.device.type == "cpu" and self._may_plan(x, residual):
+            # a plan an earlier call made for this signature: the primitive, nothing else
+            key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.stride())
+            plan = self._plans.get(key)
+            qparams = (self.x_qparams, self.out_qparams, self.residual_qparams)
+            y = None if plan is None else plan(x, residual, *self._tensors(), qparams)
+            return self._run_and_plan(key, x, residual, qparams) if y is None else y
+        if self.backend is not None:
+            with _backend.use_backend(self.backend):
+                return self._run(x, residual, out)
+        return self._run(x, residual, out)
+
+    def _tensors(self):
+        return self.weight, self.weight_scale, self.bias
+
+    def _may_plan(self, x, residual) -> bool:
+        """May this call run a plan (plans are made on the cpu backend, for plain tensors)?"""
+        backend = self.backend or _backend.get_backend()
+        return backend in ("cpu", "auto") and can_skip_dispatcher(x, residual)
+
+    def _run_and_plan(self, key, x, residual, qparams):
+        """The op, then a plan for later calls like this one if it ran oneDNN's int8 kernel."""
+        from fastcnn.cpu import int8
+
+        with _trace.trace() as seen:  # which kernel the op chose, and why
+            y = self.forward_op(x, residual)
+        events = [(e.op, e.backend, e.kernel, e.fallback) for e in seen.events]
+        for event in events:  # the enclosing trace, if any, sees the call as usual
+            _trace.record(*event)
+        kernels = seen.kernels()
+        if len(kernels) == 1 and next(iter(kernels)).startswith("cpu:onednn_int8"):
+            in_place = self.overwrite_residual and residual is not None
+            plan = int8.plan(
+                x, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
+                self.relu, qparams, residual, in_place, events,
+            )  # fmt: skip
+            if plan is not None:
+                self._plans.add(key, plan)
+        return y
+
+    def forward_op(self, x, residual=None, out=None):
+        """forward through fastcnn.ops.qconv_bn_act, every check and choice made anew."""
         if self.backend is not None:
             with _backend.use_backend(self.backend):
                 return self._run(x, residual, out)
@@ -218,6 +294,47 @@ class QConvBNAct(_QParamsModule):
             f"x={self.x_qparams}, out={self.out_qparams}"
             + (", overwrite_residual=True" if self.overwrite_residual else "")
         )
+
+
+class _Plans:
+    """QConvBNAct's plans, {input signature: plan} (fastcnn.cpu.int8.plan), the newest
+    MAX_PLANS kept; safe to read from several threads (the map is replaced whole under a lock).
+    Copies and pickles of a module start without plans."""
+
+    MAX_PLANS = 4
+    __slots__ = ("_lock", "_plans")
+
+    def __init__(self) -> None:
+        self._plans: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        return self._plans.get(key)
+
+    def add(self, key, plan) -> None:
+        with self._lock:
+            plans = dict(self._plans)
+            plans.pop(key, None)
+            while len(plans) >= self.MAX_PLANS:
+                del plans[next(iter(plans))]  # the oldest signature
+            plans[key] = plan
+            self._plans = plans
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans = {}
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __deepcopy__(self, memo) -> _Plans:
+        return _Plans()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self.__init__()
 
 
 def _pair(v) -> tuple[int, int]:
