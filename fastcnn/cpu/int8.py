@@ -223,25 +223,20 @@ def conversion_unsupported(x: torch.Tensor) -> str | None:
     return None
 
 
-def _out_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    cl = x.dim() == 4 and x.is_contiguous(memory_format=_CL)
-    return _alloc.empty(x.shape, x, _CL if cl else torch.contiguous_format, dtype=dtype)
-
-
 def quantize(x: torch.Tensor, qparams: tuple) -> torch.Tensor:
     """float32 x (dense) -> uint8 in x's layout, qparams = (scale, zero_point); one pass."""
-    out = _out_like(x, torch.uint8)
+    out = _alloc.empty_like(x, torch.uint8)  # x's strides
     _extension.ops().quantize_u8_out(x, *qparams, out)
     return out
 
 
 def dequantize(q: torch.Tensor, qparams: tuple) -> torch.Tensor:
-    out = _out_like(q, torch.float32)
+    out = _alloc.empty_like(q, torch.float32)
     _extension.ops().dequantize_u8_out(q, *qparams, out)
     return out
 
 
 def requantize(q: torch.Tensor, source: tuple, target: tuple) -> torch.Tensor:
-    out = _out_like(q, torch.uint8)
+    out = _alloc.empty_like(q, torch.uint8)
     _extension.ops().requantize_u8_out(q, *source, *target, out)
     return out

@@ -19,17 +19,14 @@ def _fill(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(_poison if t.is_floating_point() else 0xA5)
 
 
-def empty(
-    shape, like: torch.Tensor, memory_format=torch.contiguous_format, dtype=None
-) -> torch.Tensor:
-    """A new tensor on like's device, in like's dtype unless `dtype` is given."""
-    dtype = like.dtype if dtype is None else dtype
-    t = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
+def empty(shape, like: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    t = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
     return t if _poison is None else _fill(t)
 
 
-def empty_like(x: torch.Tensor) -> torch.Tensor:
-    t = torch.empty_like(x)
+def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x's shape and strides (x dense), in x's dtype unless `dtype` is given."""
+    t = torch.empty_like(x, dtype=dtype)
     return t if _poison is None else _fill(t)
 
 
