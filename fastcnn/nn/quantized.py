@@ -28,6 +28,9 @@ class QParams(tuple):
     scale = property(lambda self: self[0])
     zero_point = property(lambda self: self[1])
 
+    def __getnewargs__(self):  # copy.deepcopy and pickle of a quantized model
+        return tuple(self)
+
 
 def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """float -> uint8: clamp(round_half_even(x * fp32(1 / scale)) + zero_point, 0, 255), the
