@@ -59,8 +59,16 @@ def _inductor(model, example, batches):
 
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    # strict=True (TorchDynamo) export: non-strict export groups every call of one module into
+    # one source partition, and the quantizer's conv + add + ReLU fusion then refuses
+    # torchvision's blocks, which call one nn.ReLU two or three times ("Input partition has
+    # more than one output node"; pytorch/ao#4478, fixed after torchao 0.18 by skipping such
+    # fusions). The batch dimension is dynamic: calibration and timing use other batch sizes.
+    batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
-        exported = torch.export.export(_unshared_relus(model), (example,)).module()
+        exported = torch.export.export(
+            model, (example,), strict=True, dynamic_shapes={"x": {0: batch}}
+        ).module()
         prepared = prepare_pt2e(exported, quantizer)
         for x in batches:
             prepared(x.contiguous(memory_format=torch.channels_last))
@@ -68,18 +76,6 @@ def _inductor(model, example, batches):
     inductor_config.freezing = True
     torch._dynamo.reset()
     return torch.compile(converted)
-
-
-def _unshared_relus(model: torch.nn.Module) -> torch.nn.Module:
-    """model with each nn.ReLU call as its own torch.relu: torchvision's blocks call one ReLU
-    module twice, and the x86 quantizer refuses a module partition with two outputs
-    ("Input partition has more than one output node")."""
-    gm = torch.fx.symbolic_trace(model)
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.ReLU):
-            node.op, node.target = "call_function", torch.relu
-    gm.recompile()
-    return gm
 
 
 def _onnx_file(model, example, folder: Path) -> Path:
