@@ -63,11 +63,13 @@ def _inductor(model, example, batches):
     # one source partition, and the quantizer's conv + add + ReLU fusion then refuses
     # torchvision's blocks, which call one nn.ReLU two or three times ("Input partition has
     # more than one output node"; pytorch/ao#4478, fixed after torchao 0.18 by skipping such
-    # fusions). The batch dimension is dynamic: calibration and timing use other batch sizes.
+    # fusions). The batch dimension is dynamic (calibration and timing use other batch sizes),
+    # traced at the calibration batch: one of size 1 would be specialized to 1.
     batch = torch.export.Dim("batch", min=1, max=1024)
+    traced = batches[0].contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         exported = torch.export.export(
-            model, (example,), strict=True, dynamic_shapes={"x": {0: batch}}
+            model, (traced,), strict=True, dynamic_shapes={"x": {0: batch}}
         ).module()
         prepared = prepare_pt2e(exported, quantizer)
         for x in batches:
