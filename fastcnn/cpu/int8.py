@@ -158,10 +158,12 @@ def plan(
     x, weight, weight_scale, bias, stride, padding, relu, qparams, residual, in_place, events,
 ) -> Callable | None:  # fmt: skip
     """A plan for later calls like this one (same shapes and strides): run(x, residual, weight,
-    weight_scale, bias, qparams) -> the uint8 result, or None when any of those is no longer
-    what was planned for (a new or changed tensor, new qparams: take the op again). It records
-    `events` (what the op recorded for this call) and runs the one oneDNN primitive; None where
-    such calls must always take the op (x not channels_last: the op converts it).
+    weight_scale, bias, qparams) -> the uint8 result, or None when those are no longer the
+    tensors and qparams planned for (take the op again). It records `events` (what the op
+    recorded for this call) and runs the one oneDNN primitive, with the weight packed for this
+    input shape (`prepacked`: repacked if its values changed; the plan itself holds no pack, so
+    memory stays within SHAPES_PER_WEIGHT packs a weight). None where such calls must always
+    take the op (x not channels_last: the op converts it).
 
     qparams: ((x_scale, x_zp), (out_scale, out_zp), (residual_scale, residual_zp)).
     in_place: the residual's buffer becomes the result (it must be channels_last), else a copy
@@ -171,23 +173,16 @@ def plan(
     if residual is not None and in_place and not residual.is_contiguous(memory_format=_CL):
         return None
     (xs, xz), (os_, oz), (rs, rz) = qparams
-    packed = prepacked(weight, weight_scale, xs, xz, stride, padding, x.shape)
-    planned = signature(weight, weight_scale)
     zps = _weight_zero_points(weight.shape[0])
     st, pad, dil = list(stride), list(padding), [1, 1]
     act = "relu" if relu else "none"
     events = tuple(events)
     record = _trace.record
 
-    def stale(w, ws, b, q) -> bool:
-        return (
-            w is not weight or ws is not weight_scale or b is not bias or q != qparams
-            or signature(w, ws) != planned
-        )  # fmt: skip
-
     def run(x, residual, w, ws, b, q):
-        if stale(w, ws, b, q):
+        if w is not weight or ws is not weight_scale or b is not bias or q != qparams:
             return None
+        packed = prepacked(w, ws, xs, xz, stride, padding, x.shape)
         for event in events:
             record(*event)
         if residual is None:

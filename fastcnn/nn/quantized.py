@@ -9,12 +9,11 @@ their state_dict through nn.Module's extra state, so a quantized model's state_d
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import nn
 
 from fastcnn import _backend, _trace, ops
+from fastcnn.cpu.plan import Plans
 from fastcnn.ops._dispatch import can_skip_dispatcher
 from fastcnn.reference import round_half_even
 
@@ -181,7 +180,7 @@ class QConvBNAct(_QParamsModule):
         super().__init__()
         self.backend = backend
         self.overwrite_residual = False
-        self._plans = _Plans()
+        self._plans = Plans()  # fastcnn.cpu.int8.plan per input signature, bounded
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.relu = tuple(stride), tuple(padding), relu
@@ -297,47 +296,6 @@ class QConvBNAct(_QParamsModule):
             f"x={self.x_qparams}, out={self.out_qparams}"
             + (", overwrite_residual=True" if self.overwrite_residual else "")
         )
-
-
-class _Plans:
-    """QConvBNAct's plans, {input signature: plan} (fastcnn.cpu.int8.plan), the newest
-    MAX_PLANS kept; safe to read from several threads (the map is replaced whole under a lock).
-    Copies and pickles of a module start without plans."""
-
-    MAX_PLANS = 4
-    __slots__ = ("_lock", "_plans")
-
-    def __init__(self) -> None:
-        self._plans: dict = {}
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        return self._plans.get(key)
-
-    def add(self, key, plan) -> None:
-        with self._lock:
-            plans = dict(self._plans)
-            plans.pop(key, None)
-            while len(plans) >= self.MAX_PLANS:
-                del plans[next(iter(plans))]  # the oldest signature
-            plans[key] = plan
-            self._plans = plans
-
-    def clear(self) -> None:
-        with self._lock:
-            self._plans = {}
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def __deepcopy__(self, memo) -> _Plans:
-        return _Plans()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state) -> None:
-        self.__init__()
 
 
 def _pair(v) -> tuple[int, int]:
