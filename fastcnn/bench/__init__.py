@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fastcnn.bench import peers
-from fastcnn.bench.isolated import OMP_WAIT_POLICY, Job, run_in_processes
+from fastcnn.bench.isolated import Job, omp_wait_policy, run_in_processes
 from fastcnn.bench.measure import DTYPES, INT8_MATCH_TOLERANCE, make_timer, model_input
 from fastcnn.bench.ops import OPS
 from fastcnn.bench.providers import PROVIDERS, build, make_model
@@ -399,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     results.env["command"] = "fastcnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     # how busy the machine was: other processes' load makes every timing noisier
     load_start = os.getloadavg()[0]
-    if args.processes:
-        results.env["worker OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    if args.device == "cpu":
+        results.env["OMP_WAIT_POLICY"] = omp_wait_policy()
     results.env.update(peers.versions(args.provider_list))
     rows = run_isolated(args, results) if args.processes else run(args, results)
     results.env["load average 1 min (start, end)"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"

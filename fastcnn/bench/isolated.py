@@ -31,12 +31,20 @@ import time
 import torch
 
 RESULT_MARK = "fastcnn-bench-worker-rows: "
-# No runtime's idle threads spin between calls: ONNX Runtime is set up with allow_spinning=0,
-# and OpenMP (torch's eager, Inductor and fastcnn's oneDNN convs) gets OMP_WAIT_POLICY=PASSIVE
-# (unless the caller set it). On a shared machine a spinning OpenMP thread waits for a preempted
-# peer at every barrier: measured here, GoogLeNet batch 1 on 2 threads took 190-320 ms with
-# GOMP's default spinning and 44-62 ms passive, ONNX Runtime 36 ms.
-OMP_WAIT_POLICY = "PASSIVE"
+
+
+# Each runtime runs as its documentation sets it up: ONNX Runtime with allow_spinning=0, and
+# OpenMP (torch's eager, Inductor and fastcnn's oneDNN convs) with whatever the caller's
+# environment says (unset: GNU OpenMP's default, spin a while, then sleep). On a quiet machine
+# that default is the fast one (measured here, 2 threads, batch 1: GoogLeNet 20 ms default,
+# 33 ms with OMP_WAIT_POLICY=PASSIVE; ResNet-50 41 vs 64 ms); on a machine loaded by other
+# processes, spinning threads wait for preempted peers at every barrier (GoogLeNet 190-320 ms
+# against 44-62 ms passive), so run there with OMP_WAIT_POLICY=PASSIVE, and trust neither.
+def omp_wait_policy() -> str:
+    """What the workers' OpenMP threads do between parallel regions, for the result file."""
+    return os.environ.get("OMP_WAIT_POLICY") or "unset (GNU OpenMP default: spin, then sleep)"
+
+
 WARMUP = 3
 PROCESS_TIMEOUT_S = 1800
 
@@ -98,7 +106,6 @@ def _spawn(job: Job) -> list[dict]:
     env = dict(os.environ)
     if job.threads:  # OpenMP and the runtimes read these before any set_num_threads call
         env["OMP_NUM_THREADS"] = str(job.threads)
-    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "fastcnn.bench.isolated"],
