@@ -238,12 +238,17 @@ def configs_that_fit(
     pool: int = 0,
     flat_k: bool = False,
 ) -> list:
-    """The configs whose shared memory fits `limit` (none may). The flat K loop's per-element
-    (kh, kw, cin) index math spills registers beside accumulators of more than 32 registers a
-    thread (16 in fp32; seen on sm_80 and sm_90): it keeps the smaller tiles."""
-    if flat_k:  # fp32 operands take twice the registers: half the accumulator
-        most = 32 if element_size <= 2 else 16
-        configs = [c for c in configs if _accumulator_registers(c) <= most]
+    """The configs whose shared memory fits `limit` (none may), without the ones that spill
+    registers on that target under Triton 3.6 or 3.8 (fastcnn.triton.compile_check --all, run
+    in CI under both):
+    - the flat K loop's per-element (kh, kw, cin) index math spills beside an accumulator of
+      more than 16 registers a thread (32 in fp16/bf16 was enough for Triton 3.8, not 3.6);
+    - before sm_90, mma.sync holds its fp32 (tf32) operand fragments in registers: a 64-register
+      accumulator with BLOCK_K = 64 spills under Triton 3.6 (BLOCK_K = 32 does not)."""
+    if flat_k:
+        configs = [c for c in configs if _accumulator_registers(c) <= 16]
+    if element_size == 4 and capability < 90:
+        configs = [c for c in configs if _accumulator_registers(c) * c.kwargs["BLOCK_K"] <= 2048]
 
     def size(c):
         return shared_memory_bytes(c.kwargs, c.num_stages, element_size, capability, pool)
