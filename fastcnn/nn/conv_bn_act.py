@@ -119,21 +119,24 @@ class ConvBNAct(nn.Module):
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # The planned path: plain tensors, no out=, no trace recording (a trace wants each
+        # call's backend pick, fallbacks included). It runs on every call of a batch-1 forward,
+        # so it reads the buffers straight from _buffers (nn.Module.__getattr__ is slow) and
+        # needs no use_backend() around it (the plan was made under the pinned backend).
+        if out is None and not _trace.active() and can_skip_dispatcher(x, residual):
+            weight, bias = self._buffers["weight"], self._buffers["bias"]
+            run = self._planned(x, residual, weight, bias)
+            if run is not None:
+                if self.overwrite_residual and residual is not None:
+                    _checks.check_no_overlap("conv_bn_act", residual, x=x)
+                    return run(x, weight, bias, residual, residual)
+                return run(x, weight, bias, residual, None)
         if self.backend is not None:
             with _backend.use_backend(self.backend):
                 return self._run(x, residual, out)
         return self._run(x, residual, out)
 
     def _run(self, x, residual, out) -> torch.Tensor:
-        # The planned path: plain tensors, no out=, no trace recording (a trace wants each
-        # call's backend pick, fallbacks included).
-        if out is None and can_skip_dispatcher(x, residual) and not _trace.active():
-            run = self._planned(x, residual)
-            if run is not None:
-                if self.overwrite_residual and residual is not None:
-                    _checks.check_no_overlap("conv_bn_act", residual, x=x)
-                    return run(x, self.weight, self.bias, residual, residual)
-                return run(x, self.weight, self.bias, residual, None)
         if self.overwrite_residual and out is None and can_skip_dispatcher(x, residual):
             # Only outside tracing/compiling: there the op must stay functional.
             out = residual
@@ -150,21 +153,26 @@ class ConvBNAct(nn.Module):
             dilation=self.dilation,
         )
 
-    def _planned(self, x, residual):
-        w, b = self.weight, self.bias
+    def _planned(self, x, residual, w, b):
         in_place = self.overwrite_residual and residual is not None
         key = (
             x.shape, x.stride(), x.dtype, x.device, w.dtype, w.device, b.dtype, b.device,
             None if residual is None else (residual.shape, residual.stride(), residual.dtype,
                                            residual.device),
-            in_place, _backend.get_backend(),
+            in_place, self.backend or _backend.get_backend(),
         )  # fmt: skip
         run = self._plans.get(key)
         if run is None:
-            args = (self.stride, self.padding, self.groups, self.dilation, residual, self.relu)
-            run = plan_conv(x, w, b, *args, in_place=in_place) or False
+            run = self._plan(x, residual, w, b, in_place) or False
             self._plans.add(key, run)
         return run or None
+
+    def _plan(self, x, residual, w, b, in_place):
+        args = (self.stride, self.padding, self.groups, self.dilation, residual, self.relu)
+        if self.backend is None:
+            return plan_conv(x, w, b, *args, in_place=in_place)
+        with _backend.use_backend(self.backend):
+            return plan_conv(x, w, b, *args, in_place=in_place)
 
     def extra_repr(self) -> str:
         return (

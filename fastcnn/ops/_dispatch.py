@@ -25,9 +25,10 @@ def can_skip_dispatcher(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     grad = torch.is_grad_enabled()
-    return all(
-        t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors
-    )
+    for t in tensors:  # a plain loop: this runs on every fused call
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def triton_kernel(module: str, function: str) -> Callable:
@@ -35,12 +36,16 @@ def triton_kernel(module: str, function: str) -> Callable:
 
     found = []  # the launcher, once imported
 
-    def run(*args, **kwargs):
+    def resolve() -> Callable:
         if not found:
             found.append(getattr(importlib.import_module(f"fastcnn.triton.{module}"), function))
-        return found[0](*args, **kwargs)
+        return found[0]
+
+    def run(*args, **kwargs):
+        return (found[0] if found else resolve())(*args, **kwargs)
 
     run.__qualname__ = f"triton:{module}.{function}"
+    run.resolve = resolve  # the launcher itself, for launch plans that call it directly
     return run
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastcnn import _backend, _trace, reference
+from fastcnn import _backend, _extension, _trace, reference
 from fastcnn.ops import _alloc, _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
@@ -206,15 +206,35 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     if groups != 1 and impl not in _GROUPED_IMPLS:
         return None
     stride, padding, dilation = args[3], args[4], args[6]
-    # the GPU kernels write into a buffer allocated here (oneDNN and eager make their own)
+    if impl not in (_triton_impl, _cuda_impl):  # oneDNN and eager allocate their own output
+
+        def run(x, weight, bias, residual, out):
+            return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+
+        return run
+    # The GPU kernels write into a buffer allocated here, and their launcher is resolved now:
+    # a planned call is the allocation and the launcher call, nothing else (plans run only
+    # while no trace records, so there is no path to record).
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    allocate = impl in (_triton_impl, _cuda_impl)
     memory_format = memory_format_of(x)
+    if impl is _cuda_impl:
+        launch = _extension.ops().conv_bn_act_out.default
+
+        def run(x, weight, bias, residual, out):
+            if out is None:
+                out = _alloc.empty(shape, x, memory_format)
+            launch(x, weight, bias, stride, padding, residual, relu, out)
+            return out
+
+        return run
+    launch = _triton.resolve()
+    stride, padding = tuple(stride), tuple(padding)
 
     def run(x, weight, bias, residual, out):
-        if out is None and allocate:
+        if out is None:
             out = _alloc.empty(shape, x, memory_format)
-        return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
+        launch(x, weight, bias, residual, out, stride, padding, relu, groups=groups)
+        return out
 
     return run
 

@@ -99,6 +99,23 @@ def test_a_plan_is_made_per_backend():
     assert t.kernels("conv_bn_act") == {"eager:reference"}
 
 
+def test_a_pinned_backend_plans_and_runs_on_that_backend(monkeypatch):
+    # planned calls skip use_backend(): the plan itself must have been made on the pinned one
+    m = _module()
+    m.backend = "eager"
+    x = _x()
+
+    def no_onednn(*args, **kwargs):
+        raise AssertionError("a module pinned to eager ran oneDNN")
+
+    monkeypatch.setattr(onednn, "conv_bn_act", no_onednn)
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        m(x)  # plans
+        out = m(x)  # runs the plan
+    assert len(m._plans) == 1
+    assert_matches(out, conv_reference64(x, m.weight, m.bias, 1, 1), torch.float32)
+
+
 def test_new_weight_tensors_are_not_served_by_an_old_plan():
     """.half() then .float() gives new (rounded) weight and bias tensors: the fp32 plan made
     before must not run the old packed weight."""
