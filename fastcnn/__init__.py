@@ -12,6 +12,7 @@ from fastcnn._backend import (
     use_backend,
 )
 from fastcnn._trace import KernelEvent, KernelKey, Trace, trace
+from fastcnn.cuda_graphs import CUDAGraphed, cuda_graphs
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.optimize import optimize
 from fastcnn.quantize import quantize
@@ -21,12 +22,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "CUDAGraphed",
     "KernelEvent",
     "KernelKey",
     "Report",
     "Trace",
     "__version__",
     "available_backends",
+    "cuda_graphs",
     "fold_bn",
     "get_backend",
     "models",

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from fastcnn import _backend
+from fastcnn.cuda_graphs import CUDAGraphed
 from fastcnn.optimize import chains, in_place, inception, leftovers, pools
 from fastcnn.optimize._graph import traced
 from fastcnn.optimize.module_level import module_level_optimize
@@ -76,6 +77,7 @@ def optimize(
     inplace: bool = False,
     verify: bool | float = False,
     example_input: torch.Tensor | None = None,
+    cuda_graphs: bool = False,
 ) -> nn.Module:
     """An eval-mode inference copy of `model` with Conv2d -> BatchNorm2d (-> ReLU) chains,
     residual add + ReLU and bare add + ReLU fused (see the module docstring).
@@ -91,9 +93,25 @@ def optimize(
     still differs every rewrite is. fastcnn.report(result) records it all, with the kernels each
     module ran on the example. What cannot be fused is kept as it was; a model that torch.fx
     cannot trace gets module-level matching inside nn.Sequential (verified the same way).
+    cuda_graphs=True (a model on a CUDA device) returns the result wrapped in
+    fastcnn.cuda_graphs: each input signature's forward is captured once and replayed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcnn.optimize expects an nn.Module, got {type(model).__name__}")
+    if cuda_graphs:
+        devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+        if devices != {"cuda"}:
+            raise ValueError(
+                "fastcnn.optimize: cuda_graphs=True needs a model on a CUDA device, got one with "
+                f"tensors on {sorted(devices) or 'no device (no parameters or buffers)'}"
+            )
+        result = optimize(model, backend, inplace, verify, example_input)
+        wrapped = CUDAGraphed(result)
+        wrapped._fastcnn_report = result._fastcnn_report
+        wrapped._fastcnn_report.notes.append(
+            "cuda_graphs: forwards replayed from CUDA graphs, one per input signature"
+        )
+        return wrapped
     if backend is not None:
         with _backend.use_backend(backend):  # refuses unknown or unavailable backends
             pass
