@@ -156,7 +156,8 @@ class ConvBNAct(nn.Module):
     def _planned(self, x, residual, w, b):
         in_place = self.overwrite_residual and residual is not None
         key = (
-            x.shape, x.stride(), x.dtype, x.device, w.dtype, w.device, b.dtype, b.device,
+            x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+            b.shape, b.dtype, b.device,
             None if residual is None else (residual.shape, residual.stride(), residual.dtype,
                                            residual.device),
             in_place, self.backend or _backend.get_backend(),

@@ -34,6 +34,7 @@ def _eager(*args):
 
 
 _triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
+_triton_bound = triton_kernel("conv_bn_act", "bound")  # the launcher of a plan
 _extension_cuda = extension_kernel("conv_bn_act_out")
 
 
@@ -227,13 +228,18 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
             return out
 
         return run
-    launch = _triton.resolve()
     stride, padding = tuple(stride), tuple(padding)
+    launch = _triton_bound.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
+    if launch is None:  # an NCHW x: the launcher converts it on every call
+        full = _triton.resolve()
+
+        def launch(x, weight, bias, residual, out):
+            full(x, weight, bias, residual, out, stride, padding, relu, groups=groups)
 
     def run(x, weight, bias, residual, out):
         if out is None:
             out = _alloc.empty(shape, x, memory_format)
-        launch(x, weight, bias, residual, out, stride, padding, relu, groups=groups)
+        launch(x, weight, bias, residual, out)
         return out
 
     return run

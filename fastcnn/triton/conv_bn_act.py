@@ -503,6 +503,11 @@ def conv_bn_act_out(
     Planned once per (shapes, strides, dtype, device, flags, pointer alignment): later calls
     with the same key only launch (see _Plan).
     """
+    _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups)
+
+
+def _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups):
+    """conv_bn_act_out's work; returns the launch plan it used (None: nothing to launch)."""
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else out  # placeholder pointers when absent
@@ -527,6 +532,41 @@ def conv_bn_act_out(
             raise ValueError("pool= fuses a max-pool into a 1x1, stride-1, unpadded conv only")
         plan = _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups)
         if plan.ints[0] == 0 or plan.ints[1] == 0:  # no output pixel or channel: nothing to do
-            return
+            return None
         _plans[key] = plan
     plan.launch(pointers, in_place)
+    return plan
+
+
+def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
+    """A launcher run(x, weight, bias, residual, out) for later calls whose tensors have these
+    tensors' metadata, and an out of the output's shape in x's memory format (what
+    fastcnn.ops.conv_bn_act.plan guarantees): per call it looks only at what can still change,
+    the pointers' 16-byte alignment, whether out is the residual, and the tf32 and autotune
+    switches, and keeps the launch plan of each combination (conv_bn_act_out builds a 22-field
+    key per call instead). None for an x that is not channels_last in memory (NCHW: converted
+    on every call, by conv_bn_act_out)."""
+    if x.stride(1) != 1:
+        return None
+    has_bias, has_residual = bias is not None, residual is not None
+    fp32 = x.dtype == torch.float32
+    by_flags: dict[tuple, _Plan] = {}
+
+    def run(x, weight, bias, residual, out):
+        b = bias if has_bias else out
+        r = residual if has_residual else out
+        aligned = not (x.data_ptr() | weight.data_ptr() | b.data_ptr() | r.data_ptr()
+                       | out.data_ptr()) & 15  # fmt: skip
+        in_place = has_residual and r.data_ptr() == out.data_ptr()
+        flags = (aligned, in_place, fp32 and torch.backends.cudnn.allow_tf32, _autotune_enabled())
+        plan = by_flags.get(flags) if aligned else None
+        if plan is None:  # the full path: once per combination (always when not all aligned:
+            # the kernel is specialized per pointer then)
+            plan = _launch(x, weight, bias, residual, out, stride, padding, relu, 0, None, groups)
+            if plan is not None and aligned:
+                by_flags[flags] = plan
+            return out
+        plan.launch((x, weight, b, r, out, out), in_place)
+        return out
+
+    return run
