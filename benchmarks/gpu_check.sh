@@ -32,7 +32,8 @@
 #   cuda-tests 110 pytest -m cuda -n 8: ~220 Triton specializations (heuristic configs) at
 #                 ~2 s each (the conv kernel compiles for sm_90 in 2.5-3 s on this Xeon)
 #                 spread over 8 workers (~55 s); the autotuned tests (~25 configs in one
-#                 worker, ~50 s) run beside them; cuDNN/cuBLAS start-up per worker
+#                 worker, ~50 s) run beside them; cuDNN/cuBLAS start-up per worker; the CUDA
+#                 graph tests (ResNet-18 at 64x64, one torch.compile of a 2-conv block, ~20 s)
 #   models-fp16 110  resnet50 + googlenet at batch 256 against eager (NCHW, channels_last) and
 #                 torch.compile (Inductor, freezing, dynamic=False), both fastcnn backends:
 #                 ~14 + 13 Triton kernels with heuristic configs (counted with
@@ -41,6 +42,9 @@
 #                 timing ~20 s
 #   models-bf16 100  the same in bf16
 #   models-b1  90  the same at batch 1, fp16: latency, where host overhead shows; ~31 kernels
+#   models-b1-graphs 60  batch 1 again, every provider replayed from a CUDA graph (kernels
+#                 compiled by the step before: ~10 s of capture and warm-up, torch.compile's
+#                 ~25 s a model again, its cache being per process)
 #   conv      45  every distinct ResNet-50/GoogLeNet conv at batch 256 fp16, autotuned; the
 #                 next 8 layers' configs (~70 kernels) precompiled 16-way at a time (~10 s),
 #                 tuning ~2 s a layer; stops adding layers at 30 s
@@ -48,7 +52,7 @@
 #                 at 25 s
 #   ops       30  fastcnn-bench --op all, fp16, batch 1 and 256
 #   tests     60  the rest of the suite (CPU backends, optimize, bench), -n 8
-# Sum 685 s: more than the budget on purpose. The estimates are guesses until a GPU run times
+# Sum 745 s: more than the budget on purpose. The estimates are guesses until a GPU run times
 # them (the summary records each step's seconds); the budget cuts the last steps when the
 # early ones run long, and says so in the summary.
 #
@@ -178,7 +182,9 @@ if [ "$REHEARSE" = 1 ]; then  # tiny sizes, the CPU's backends, interpreter test
   TESTS_CUDA=(tests/ops/test_add_relu.py -k "cpu-triton and float32")
   TESTS_REST=(tests/test_bench.py -k bad_arguments)
   PARALLEL=()
+  GRAPHS=()  # CUDA graphs need a GPU: the rehearsal times the plain calls
 else
+  GRAPHS=(--cuda-graphs)
   MODELS=resnet50,googlenet BATCH_MODELS=256 BATCH_B1=1 BATCH_OPS=1,256 SIZE=() ITERS=10
   FP16=float16 BF16=bfloat16
   CONV=(--max-seconds 30 --precompile 8)
@@ -193,10 +199,12 @@ else
 fi
 # Models run fastcnn with its heuristic Triton configs (tuning ~70 GEMM shapes would take
 # minutes); the conv sweep reports the tuned per-layer speeds.
-models_step() {  # models_step NAME LIMIT DTYPE BATCHES
-  step "$1" "$2" env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device $DEV \
-    --model "$MODELS" --batch "$4" --dtype "$3" --providers "$PROVIDERS_MODELS" \
-    --iters "$ITERS" --precompile "${SIZE[@]}" --out "$dir/$1"
+models_step() {  # models_step NAME LIMIT DTYPE BATCHES [FASTCNN-BENCH-ARGS...]
+  local name=$1 limit=$2 dtype=$3 batches=$4
+  shift 4
+  step "$name" "$limit" env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device $DEV \
+    --model "$MODELS" --batch "$batches" --dtype "$dtype" --providers "$PROVIDERS_MODELS" \
+    --iters "$ITERS" --precompile "${SIZE[@]}" "$@" --out "$dir/$name"
 }
 
 step build 80 $PY -m fastcnn.build
@@ -213,6 +221,7 @@ tests_step cuda-tests 110 FASTCNN_TRITON_AUTOTUNE=0 "${TESTS_CUDA[@]}"
 models_step models-fp16 110 "$FP16" "$BATCH_MODELS"
 models_step models-bf16 100 "$BF16" "$BATCH_MODELS"
 models_step models-b1 90 "$FP16" "$BATCH_B1"
+models_step models-b1-graphs 60 "$FP16" "$BATCH_B1" "${GRAPHS[@]}"
 step conv 45 $PY benchmarks/bench_conv.py "${CONV[@]}" --out "$dir/conv.json"
 step inception 40 $PY benchmarks/bench_inception.py "${INCEPTION[@]}" --out "$dir/inception.json"
 step ops 30 env FASTCNN_TRITON_AUTOTUNE=0 $PY -m fastcnn.bench --device $DEV --op all \
