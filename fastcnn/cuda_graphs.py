@@ -6,12 +6,18 @@ of one forward once and replays them with one call, so the host cost no longer d
 model. This is what torch.compile(mode="reduce-overhead") does for its own graphs; here it wraps
 any model, a fastcnn.optimize result included (also `fastcnn.optimize(model, cuda_graphs=True)`).
 
-The first call with a new input signature (shape, strides, dtype, device) runs the model a few
-times on a side stream (Triton autotunes and compiles, plans are made, outside the capture), then
-captures one forward into a graph that reads a static input buffer. Each later call copies the
-input into that buffer, replays, and returns a copy of the graph's output (the graph overwrites
-its output buffer on every replay: a returned tensor is never changed by a later call).
-At most `max_graphs` signatures are kept (the oldest is dropped), each holding its graph's memory.
+The first call with a new input signature (shape, strides, dtype, device; and the state that
+changes what a forward records: inference mode, autocast, train/eval, fastcnn's backend) runs
+the model a few times on a side stream (Triton autotunes and compiles, plans are made, outside
+the capture), then captures one forward into a graph that reads a static input buffer. Each
+later call copies the input into that buffer, replays, and returns a copy of the graph's output
+(the graph overwrites its output buffer on every replay: a returned tensor is never changed by a
+later call).
+At most `max_graphs` signatures are kept (the least recently used is dropped), each holding its
+graph's memory. Calls from several threads or streams are safe: one replay at a time per wrapper,
+each call's stream waiting for the previous replay's copies (an event) before it refills the
+input buffer. Replays run no Python inside the model: fastcnn.trace and fastcnn.report's kernel
+list see nothing of them (trace the model itself).
 
 A graph replays the weights it read at capture, by address. Before each replay the wrapper
 compares the address and version counter of every parameter and buffer the model had at capture
@@ -30,19 +36,37 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
+
+from fastcnn import _backend
 
 MAX_GRAPHS = 8
 WARMUP_CALLS = 3  # side-stream calls before a capture: autotuning, compilation, plans, caches
 
 
 class _Captured:
-    __slots__ = ("graph", "signature", "static_input", "static_output", "weights")
+    __slots__ = ("done", "graph", "signature", "static_input", "static_output", "weights")
 
     def __init__(self, graph, static_input, static_output, weights):
         self.graph, self.static_input = graph, static_input
         self.static_output, self.weights = static_output, weights
         self.signature = _signature(weights)
+        self.done = None  # an event after the last replay's copies, on the stream that ran it
+
+
+_capture_lock = threading.Lock()
+# What a captured forward may return: tensors (copied out), containers pytree knows, plain values
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _check_outputs(output) -> None:
+    for leaf in tree_leaves(output):
+        if not isinstance(leaf, (torch.Tensor, *_PLAIN)):
+            raise TypeError(
+                "fastcnn.cuda_graphs: the model returned a "
+                f"{type(leaf).__name__}, which cannot be copied out of the graph's buffers "
+                "(return tensors, or tuples/lists/dicts of them)"
+            )
 
 
 def _signature(tensors: tuple) -> tuple:
@@ -115,21 +139,35 @@ class CUDAGraphed(nn.Module):
             )
         if torch.compiler.is_compiling():
             return self.model(x)  # torch.compile makes its own graphs
-        key = (x.shape, x.stride(), x.dtype, x.device)
+        key = (
+            x.shape, x.stride(), x.dtype, x.device,
+            # what else changes the work a forward records
+            torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"), self.model.training, _backend.get_backend(),
+        )  # fmt: skip
         graphs = self._graphs.by_key
-        with self._graphs.lock, torch.no_grad():
+        with self._graphs.lock, torch.no_grad(), torch.cuda.device(x.device):
             captured = graphs.get(key)
             if captured is not None and captured.signature != _signature(captured.weights):
                 del graphs[key]  # a weight changed in place: the graph would replay stale values
                 captured = None
             if captured is None:
                 captured = self._capture(x, key)
+            else:
+                graphs.move_to_end(key)  # least recently used goes first
+            stream = torch.cuda.current_stream(x.device)
+            if captured.done is not None:  # the last replay may be on another stream, and
+                stream.wait_event(captured.done)  # still reading or writing the static buffers
             captured.static_input.copy_(x)
             captured.graph.replay()
-            return tree_map(_copy_out, captured.static_output)
+            result = tree_map(_copy_out, captured.static_output)
+            captured.done = torch.cuda.Event()
+            captured.done.record(stream)
+            return result
 
     def _capture(self, x: torch.Tensor, key: tuple) -> _Captured:
-        static_input = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        # dense strides for an input that overlaps itself (expand): a buffer the copy can fill
+        static_input = torch.empty_like(x, memory_format=torch.preserve_format)
         static_input.copy_(x)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -138,13 +176,20 @@ class CUDAGraphed(nn.Module):
                 self.model(static_input)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # one capture at a time in the process; other threads' CUDA calls do not break it
+        with (
+            _capture_lock,
+            torch.cuda.graph(
+                graph, stream=torch.cuda.Stream(device=x.device), capture_error_mode="thread_local"
+            ),
+        ):
             static_output = self.model(static_input)
+        _check_outputs(static_output)
         weights = (*self.model.parameters(), *self.model.buffers())
         captured = _Captured(graph, static_input, static_output, weights)
         graphs = self._graphs.by_key
         while len(graphs) >= self.max_graphs:
-            graphs.popitem(last=False)  # the oldest signature
+            graphs.popitem(last=False)  # the least recently used signature
         graphs[key] = captured
         return captured
 

@@ -60,6 +60,14 @@ def test_copies_and_pickles_start_without_graphs():
     assert bool(graphed)  # no __len__: an empty wrapper is still truthy
 
 
+def test_optimize_of_a_wrapper_optimizes_the_model_inside():
+    graphed = fastcnn.optimize(fastcnn.cuda_graphs(_resnet18(), max_graphs=3))
+    assert isinstance(graphed, fastcnn.CUDAGraphed) and graphed.max_graphs == 3
+    assert any(isinstance(m, fastcnn.nn.ConvBNAct) for m in graphed.model.modules())
+    assert not isinstance(graphed.model, fastcnn.CUDAGraphed)  # one wrapper, not two
+    assert fastcnn.report(graphed).entries
+
+
 def _graphed(backend: str, dtype=torch.float16, max_graphs: int = 8):
     model = _resnet18("cuda", dtype)
     fast = fastcnn.optimize(model, backend=backend)
@@ -104,6 +112,26 @@ def test_each_shape_gets_a_graph_within_the_bound():
             x = random_tensor((1, 3, size, size), torch.float16, "cuda", channels_last=True)
             assert_logits_close(graphed(x), model(x), torch.float16)
             assert graphed.num_graphs == 1
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_autocast_and_inference_mode_get_graphs_of_their_own():
+    model, _, graphed = _graphed("triton", dtype=torch.float32)
+    x = random_tensor((1, 3, 64, 64), torch.float32, "cuda", channels_last=True)
+    with torch.no_grad():
+        plain = graphed(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            autocast = graphed(x)
+    with torch.inference_mode():
+        inference = graphed(x)
+    with torch.no_grad():
+        again = graphed(x)  # the no_grad graph again: its buffers are not inference tensors
+    assert graphed.num_graphs == 3
+    assert autocast.dtype == torch.float16 and plain.dtype == torch.float32
+    assert torch.equal(plain, again) and torch.equal(plain, inference)
+    with torch.no_grad():
+        assert_logits_close(plain, model(x), torch.float32)
 
 
 @requires_cuda

@@ -53,6 +53,10 @@ class ConvBNAct(nn.Module):
             )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = (kh, kw)
+        # tuples, not lists: they are part of the (hashable) plan key
+        stride, padding, dilation = (
+            tuple(v) if isinstance(v, list) else v for v in (stride, padding, dilation)
+        )
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.relu = groups, relu
         weight = torch.empty(
@@ -157,10 +161,12 @@ class ConvBNAct(nn.Module):
         in_place = self.overwrite_residual and residual is not None
         key = (
             x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
-            b.shape, b.dtype, b.device,
+            b.shape, b.stride(), b.dtype, b.device,
             None if residual is None else (residual.shape, residual.stride(), residual.dtype,
                                            residual.device),
             in_place, self.backend or _backend.get_backend(),
+            # plain attributes a user may change after the first call: the plan bakes them in
+            self.stride, self.padding, self.groups, self.dilation, self.relu,
         )  # fmt: skip
         run = self._plans.get(key)
         if run is None:

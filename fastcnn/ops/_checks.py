@@ -15,6 +15,15 @@ def check_tensor(op: str, name: str, t: object) -> torch.Tensor:
     return t
 
 
+def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector (bias, scales) with unit stride: every kernel reads it as
+    `ptr + channel`, so a strided view (bias[::2], a column of a matrix) is copied first (a few
+    hundred floats) rather than read wrong."""
+    if t is None or t.dim() != 1 or t.stride(0) == 1 or t.numel() <= 1:
+        return t
+    return t.contiguous()
+
+
 def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)

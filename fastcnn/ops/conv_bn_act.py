@@ -201,7 +201,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
             _checks.check_tensor(_OP, name, t)
     args = _op_args(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     _validate(*args, residual if in_place else None)
-    if args[6] != [1, 1]:
+    if args[6] != [1, 1] or args[2] is not bias:  # dilation; a strided bias (copied per call)
         return None
     impl = _backend.pick(_OP, x.device, _IMPLS)
     if groups != 1 and impl not in _GROUPED_IMPLS:
@@ -308,7 +308,7 @@ def _op_args(x, weight, bias, stride, padding, groups, dilation, residual, relu)
     return (
         x,
         weight,
-        bias,
+        _checks.dense_vector(bias),
         _pair("stride", stride, 1),
         _pair("padding", padding, 0),
         groups,

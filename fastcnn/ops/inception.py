@@ -196,4 +196,5 @@ def inception(
         _checks.check_tensor(_OP, "out", out)
     _checks.check_no_grad(_OP, out=out, **tensors)
     widths = [int(w) for w in widths]
-    return _op(x, reduce_weight, reduce_bias, widths, w2, b2, w3, b3, w4, b4, int(pool), out=out)
+    rb, b2, b3, b4 = (_checks.dense_vector(b) for b in (reduce_bias, b2, b3, b4))
+    return _op(x, reduce_weight, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), out=out)

@@ -98,6 +98,11 @@ def optimize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcnn.optimize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, CUDAGraphed):  # optimize the model inside, then replay that
+        inner = optimize(model.model, backend, inplace, verify, example_input)
+        wrapped = CUDAGraphed(inner, model.max_graphs)
+        wrapped._fastcnn_report = inner._fastcnn_report
+        return wrapped
     if cuda_graphs:
         devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
         if devices != {"cuda"}:

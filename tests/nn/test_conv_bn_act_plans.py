@@ -116,6 +116,17 @@ def test_a_pinned_backend_plans_and_runs_on_that_backend(monkeypatch):
     assert_matches(out, conv_reference64(x, m.weight, m.bias, 1, 1), torch.float32)
 
 
+def test_changed_attributes_are_planned_anew():
+    m = _module()
+    x = _x()
+    with torch.no_grad():
+        m(x)
+        m.relu = False  # a plain attribute the first plan baked in
+        out = m(x)
+    assert (out < 0).any()
+    assert_matches(out, conv_reference64(x, m.weight, m.bias, 1, 1, relu=False), torch.float32)
+
+
 def test_new_weight_tensors_are_not_served_by_an_old_plan():
     """.half() then .float() gives new (rounded) weight and bias tensors: the fp32 plan made
     before must not run the old packed weight."""

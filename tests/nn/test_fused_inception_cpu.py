@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from fastcnn_testing import random_tensor, randomize_batchnorm
+from fastcnn_testing import random_tensor, randomize_batchnorm, skip_unsupported
 from torchvision.models.googlenet import Inception
 
 import fastcnn
@@ -73,3 +73,20 @@ def test_the_structure_is_chosen_once_per_shape_and_dies_with_the_block():
     del fused
     gc.collect()
     assert key not in inception._blocks
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_biases_give_the_dense_biases_result(backend):
+    # every kernel reads a bias as ptr + channel: the op makes strided views dense first
+    skip_unsupported("cpu", backend, torch.float32)
+    fused = _fused()
+    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=4)
+    args = list(_args(fused))
+    strided = list(args)
+    for i in (1, 4, 6, 8):  # reduce_bias, b2, b3, b4 as every other element of a longer tensor
+        strided[i] = torch.stack([args[i], torch.full_like(args[i], 1e3)], 1).flatten()[::2]
+        assert strided[i].stride(0) == 2 and torch.equal(strided[i], args[i])
+    with torch.no_grad(), fastcnn.use_backend(backend):
+        dense_out = fastcnn.ops.inception(x, *args)
+        strided_out = fastcnn.ops.inception(x, *strided)
+    assert torch.equal(strided_out, dense_out)

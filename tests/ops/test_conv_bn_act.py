@@ -96,6 +96,18 @@ def test_no_bias(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
+def test_a_strided_bias_is_read_by_its_strides(device, backend):
+    # every kernel reads the bias as ptr + channel: a view with stride 2 was read wrong on the
+    # triton and cpu backends (the neighbouring values) until the op made it dense
+    skip_unsupported(device, backend, torch.float32)
+    x, weight, _ = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, device)
+    bias = random_tensor((48,), torch.float32, device, seed=5)[::2]
+    with runs_on("conv_bn_act", backend, torch.float32):
+        out = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1)
+    assert_matches(out, conv_reference64(x, weight, bias, 1, 1), torch.float32)
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_rectangular_stride_and_padding(device, backend):
     skip_unsupported(device, backend, torch.float32)
     x, weight, bias = random_conv_inputs(13, 24, 3, 9, 11, torch.float32, device)
