@@ -32,6 +32,7 @@ import functools
 import inspect
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -378,10 +379,13 @@ class _Plan:
             return
         if self.config is None:  # autotuned: the tuner picks (once per key) and launches
             tuner = _gpu_kernel(in_place)
-            compiled = tuner[self._grid_of](*pointers, *self.ints, **self.meta)
+            # best_config belongs to the shared tuner: read it before another thread's call
+            # with another key sets it (a plan would pair this kernel with that grid)
+            with _tune_lock:
+                compiled = tuner[self._grid_of](*pointers, *self.ints, **self.meta)
+                config = {**tuner.best_config.kwargs} if compiled is not None else None
             if compiled is None:  # nothing compiled (fastcnn.triton.precompile recording)
                 return
-            config = {**tuner.best_config.kwargs}
         else:
             config = self.config
             grid = self._grid_of(config)
@@ -398,6 +402,7 @@ class _Plan:
 
 
 direct_launches = [0]  # how many launches skipped the JIT (tests read it)
+_tune_lock = threading.Lock()
 _plans: dict[tuple, _Plan] = {}
 
 
