@@ -65,7 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_arch_list"] = pybind11::none();
     info["cublaslt"] = false;
 #endif
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     info["cpu_capability"] = FASTCNN_STR(CPU_CAPABILITY);
 #else
     info["cpu_capability"] = "DEFAULT";
