@@ -14,14 +14,13 @@ fix does), and the op runs the exact reference otherwise.
 from __future__ import annotations
 
 import functools
-import threading
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from fastcnn import _extension, _trace
+from fastcnn.cpu.onednn import PackCache
 from fastcnn.ops import _alloc
 from fastcnn.ops._dispatch import can_skip_dispatcher
 
@@ -70,12 +69,8 @@ def exact_here(weight_max: int) -> bool:
     return isa() != "none" and (has_vnni() or weight_max <= NO_VNNI_WEIGHT_MAX)
 
 
-# id(weight) -> (signature, {(input shape, x_scale, x_zp): packed}, pinned storage); an entry
-# dies with its weight. The storage is kept with the entry so that its address (in the
-# signature) cannot come back with new values while the entry lives.
-_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
-SHAPES_PER_WEIGHT = 4  # as fastcnn.cpu.onednn: a pack for another input shape is reordered per call
-_lock = threading.Lock()  # serving threads may pack one weight for two shapes at once
+# Packs per (input shape, x_scale, x_zp), bounded and pinned as fastcnn.cpu.onednn's fp32 ones.
+_cache = PackCache()
 
 
 def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
@@ -88,30 +83,15 @@ def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
 def prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x_shape) -> torch.Tensor:
     """weight in oneDNN's blocked int8 layout for this input shape and input quantization,
     packed once (the last SHAPES_PER_WEIGHT shapes are kept)."""
-    key = id(weight)
-    shape_key = (tuple(x_shape), x_scale, x_zp)
-    hit = _packed.get(key)
-    if hit is not None and hit[0] == signature(weight, weight_scale):
-        packed = hit[1].get(shape_key)
-        if packed is not None:
-            return packed
-    with _lock:
-        hit = _packed.get(key)
-        if hit is None:
-            weakref.finalize(weight, _packed.pop, key, None)
-        if hit is None or hit[0] != signature(weight, weight_scale):
-            hit = _packed[key] = (signature(weight, weight_scale), {}, weight.untyped_storage())
-        by_shape = hit[1]
-        packed = by_shape.get(shape_key)
-        if packed is None:
-            packed = _onednn.qconv_prepack(
-                weight.contiguous(), weight_scale, x_scale, x_zp, list(stride), list(padding),
-                [1, 1], 1, list(x_shape),
-            )  # fmt: skip
-            if len(by_shape) >= SHAPES_PER_WEIGHT:
-                del by_shape[next(iter(by_shape))]
-            by_shape[shape_key] = packed
-    return packed
+
+    def pack() -> torch.Tensor:  # only on a miss: the hot path builds no arguments
+        return _onednn.qconv_prepack(
+            weight.contiguous(), weight_scale, x_scale, x_zp, list(stride), list(padding),
+            [1, 1], 1, list(x_shape),
+        )  # fmt: skip
+
+    key = (tuple(x_shape), x_scale, x_zp)
+    return _cache.get(weight, signature(weight, weight_scale), key, pack)
 
 
 _zero_points: dict[int, torch.Tensor] = {}

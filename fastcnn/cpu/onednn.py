@@ -17,13 +17,50 @@ import torch
 
 _mkldnn = torch.ops.mkldnn
 
-# id(weight) -> (signature, {input shape: packed weight}); entries die with their weight tensor.
-_packed: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
+
+class PackCache:
+    """Packed (blocked-layout) copies of weights: id(weight) -> (signature, {shape key: packed},
+    pinned storage), the last SHAPES_PER_WEIGHT shape keys per weight. An entry dies with its
+    weight tensor and is replaced when the weight's signature changes; its storage is kept with
+    it, so that its address (in the signature) cannot come back with new values (weight.data =
+    ...) while the entry lives. Reads take no lock; packing does (serving threads may pack one
+    weight for two shapes at once). Used by the fp32 convs here and the int8 ones
+    (fastcnn.cpu.int8)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, weight: torch.Tensor, sig: tuple, shape_key: tuple, pack) -> torch.Tensor:
+        """The pack of `weight` (whose signature is `sig`) for `shape_key`, made by pack()."""
+        key = id(weight)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == sig:
+            packed = hit[1].get(shape_key)
+            if packed is not None:
+                return packed
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is None:
+                weakref.finalize(weight, self.entries.pop, key, None)
+            if hit is None or hit[0] != sig:  # new weight, or its values changed
+                hit = self.entries[key] = (sig, {}, weight.untyped_storage())
+            by_shape = hit[1]
+            packed = by_shape.get(shape_key)
+            if packed is None:
+                packed = pack()
+                if len(by_shape) >= SHAPES_PER_WEIGHT:
+                    del by_shape[next(iter(by_shape))]  # the oldest shape
+                by_shape[shape_key] = packed
+        return packed
+
+
 # Packed layouts kept per weight: oneDNN picks the blocked layout for the input shape, and a
 # weight packed for another shape is reordered again on every call (measured here: ResNet-50
 # packed at batch 1 and run at batch 8 took 557 ms instead of 424).
 SHAPES_PER_WEIGHT = 4
-_lock = threading.Lock()  # serving threads may pack the same weight for different shapes at once
+_cache = PackCache()
+_packed = _cache.entries  # tests read it
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -49,30 +86,15 @@ def signature(weight: torch.Tensor) -> tuple:
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
     """weight in oneDNN's blocked layout for this input shape, packed once (per weight version
     and shape; the last SHAPES_PER_WEIGHT shapes are kept)."""
-    key, shape = id(weight), tuple(input_shape)
-    hit = _packed.get(key)
-    if hit is not None and hit[0] == signature(weight):
-        packed = hit[1].get(shape)
-        if packed is not None:
-            return packed
-    with _lock:
-        hit = _packed.get(key)
-        if hit is None:
-            weakref.finalize(weight, _packed.pop, key, None)
-        if hit is None or hit[0] != signature(weight):  # new weight, or its values changed
-            # the storage is kept with the entry, so that its address (in the signature) cannot
-            # be reused by new values (weight.data = ...) while the entry lives
-            hit = _packed[key] = (signature(weight), {}, weight.untyped_storage())
-        by_shape = hit[1]
-        packed = by_shape.get(shape)
-        if packed is None:
-            packed = _mkldnn._reorder_convolution_weight(
-                weight.contiguous(), list(padding), list(stride), [1, 1], groups, list(shape)
-            )
-            if len(by_shape) >= SHAPES_PER_WEIGHT:
-                del by_shape[next(iter(by_shape))]  # the oldest shape
-            by_shape[shape] = packed
-    return packed
+    shape = tuple(input_shape)
+    return _cache.get(
+        weight,
+        signature(weight),
+        shape,
+        lambda: _mkldnn._reorder_convolution_weight(
+            weight.contiguous(), list(padding), list(stride), [1, 1], groups, list(shape)
+        ),
+    )
 
 
 def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
