@@ -218,19 +218,16 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     # while no trace records, so there is no path to record).
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     memory_format = memory_format_of(x)
-    if impl is _cuda_impl:
-        launch = _extension.ops().conv_bn_act_out.default
-
-        def run(x, weight, bias, residual, out):
-            if out is None:
-                out = _alloc.empty(shape, x, memory_format)
-            launch(x, weight, bias, stride, padding, residual, relu, out)
-            return out
-
-        return run
     stride, padding = tuple(stride), tuple(padding)
-    launch = _triton_bound.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
-    if launch is None:  # an NCHW x: the launcher converts it on every call
+    if impl is _cuda_impl:
+        op = _extension.ops().conv_bn_act_out.default
+
+        def launch(x, weight, bias, residual, out):
+            op(x, weight, bias, stride, padding, residual, relu, out)
+
+    else:
+        launch = _triton_bound.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
+    if launch is None:  # Triton with an NCHW x: the launcher converts it on every call
         full = _triton.resolve()
 
         def launch(x, weight, bias, residual, out):
