@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from fastcnn import _backend
-from fastcnn.cuda_graphs import CUDAGraphed
+from fastcnn.cuda_graphs import MAX_GRAPHS, CUDAGraphed
 from fastcnn.optimize import chains, in_place, inception, leftovers, pools
 from fastcnn.optimize._graph import traced
 from fastcnn.optimize.module_level import module_level_optimize
@@ -71,6 +71,16 @@ def _fx_optimize(
     return work
 
 
+def _replayed(result: nn.Module, max_graphs: int = MAX_GRAPHS) -> CUDAGraphed:
+    """An optimize result wrapped in fastcnn.cuda_graphs, its report carried over and noted."""
+    wrapped = CUDAGraphed(result, max_graphs)
+    wrapped._fastcnn_report = result._fastcnn_report
+    wrapped._fastcnn_report.notes.append(
+        "cuda_graphs: forwards replayed from CUDA graphs, one per input signature"
+    )
+    return wrapped
+
+
 def optimize(
     model: nn.Module,
     backend: str | None = None,
@@ -100,9 +110,7 @@ def optimize(
         raise TypeError(f"fastcnn.optimize expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, CUDAGraphed):  # optimize the model inside, then replay that
         inner = optimize(model.model, backend, inplace, verify, example_input)
-        wrapped = CUDAGraphed(inner, model.max_graphs)
-        wrapped._fastcnn_report = inner._fastcnn_report
-        return wrapped
+        return _replayed(inner, model.max_graphs)
     if cuda_graphs:
         devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
         if devices != {"cuda"}:
@@ -110,13 +118,7 @@ def optimize(
                 "fastcnn.optimize: cuda_graphs=True needs a model on a CUDA device, got one with "
                 f"tensors on {sorted(devices) or 'no device (no parameters or buffers)'}"
             )
-        result = optimize(model, backend, inplace, verify, example_input)
-        wrapped = CUDAGraphed(result)
-        wrapped._fastcnn_report = result._fastcnn_report
-        wrapped._fastcnn_report.notes.append(
-            "cuda_graphs: forwards replayed from CUDA graphs, one per input signature"
-        )
-        return wrapped
+        return _replayed(optimize(model, backend, inplace, verify, example_input))
     if backend is not None:
         with _backend.use_backend(backend):  # refuses unknown or unavailable backends
             pass
