@@ -19,14 +19,17 @@ MAX_PLANS = 8
 class Plans:
     """A bounded {signature: plan} map, safe to share between threads."""
 
-    __slots__ = ("_lock", "_plans")
+    __slots__ = ("_lock", "_plans", "get")
 
     def __init__(self) -> None:
-        self._plans: dict[tuple, Callable] = {}
         self._lock = threading.Lock()
+        self._set({})
 
-    def get(self, key: tuple) -> Callable | None:
-        return self._plans.get(key)
+    def _set(self, plans: dict) -> None:
+        # get(key) is the current map's own dict.get: no Python frame on the per-call path. A
+        # reader that took the previous get still sees a complete map.
+        self._plans: dict[tuple, Callable] = plans
+        self.get = plans.get
 
     def add(self, key: tuple, plan: Callable) -> None:
         with self._lock:
@@ -35,7 +38,7 @@ class Plans:
             while len(plans) >= MAX_PLANS:
                 del plans[next(iter(plans))]  # the oldest signature
             plans[key] = plan
-            self._plans = plans
+            self._set(plans)
 
     def __deepcopy__(self, memo) -> Plans:  # a copied module plans anew (for its own weight)
         return Plans()
@@ -51,4 +54,4 @@ class Plans:
 
     def clear(self) -> None:
         with self._lock:
-            self._plans = {}
+            self._set({})

@@ -129,9 +129,22 @@ class ConvBNAct(nn.Module):
         # needs no use_backend() around it (the plan was made under the pinned backend).
         if out is None and not _trace.active() and can_skip_dispatcher(x, residual):
             weight, bias = self._buffers["weight"], self._buffers["bias"]
-            run = self._planned(x, residual, weight, bias)
-            if run is not None:
-                if self.overwrite_residual and residual is not None:
+            in_place = self.overwrite_residual and residual is not None
+            key = (
+                x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+                weight.dtype, weight.device, bias.shape, bias.stride(), bias.dtype, bias.device,
+                None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                               residual.device),
+                in_place, self.backend or _backend.get_backend(),
+                # plain attributes a user may change after the first call: the plan bakes them in
+                self.stride, self.padding, self.groups, self.dilation, self.relu,
+            )  # fmt: skip
+            run = self._plans.get(key)  # built inline: this runs on every call
+            if run is None:
+                run = self._plan(x, residual, weight, bias, in_place) or False
+                self._plans.add(key, run)
+            if run:
+                if in_place:
                     _checks.check_no_overlap("conv_bn_act", residual, x=x)
                     return run(x, weight, bias, residual, residual)
                 return run(x, weight, bias, residual, None)
@@ -156,23 +169,6 @@ class ConvBNAct(nn.Module):
             out=out,
             dilation=self.dilation,
         )
-
-    def _planned(self, x, residual, w, b):
-        in_place = self.overwrite_residual and residual is not None
-        key = (
-            x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
-            b.shape, b.stride(), b.dtype, b.device,
-            None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                           residual.device),
-            in_place, self.backend or _backend.get_backend(),
-            # plain attributes a user may change after the first call: the plan bakes them in
-            self.stride, self.padding, self.groups, self.dilation, self.relu,
-        )  # fmt: skip
-        run = self._plans.get(key)
-        if run is None:
-            run = self._plan(x, residual, w, b, in_place) or False
-            self._plans.add(key, run)
-        return run or None
 
     def _plan(self, x, residual, w, b, in_place):
         args = (self.stride, self.padding, self.groups, self.dilation, residual, self.relu)

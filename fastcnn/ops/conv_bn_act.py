@@ -217,13 +217,16 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     # a planned call is the allocation and the launcher call, nothing else (plans run only
     # while no trace records, so there is no path to record).
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    memory_format = memory_format_of(x)
+    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
     stride, padding = tuple(stride), tuple(padding)
     if impl is _cuda_impl:
-        op = _extension.ops().conv_bn_act_out.default
+        # the dispatcher call of torch.ops.fastcnn_ext.conv_bn_act_out, through pybind11 (a
+        # third of its host time: see csrc/bindings.cpp)
+        op = _extension.load().conv_bn_act_out_planned
+        (sh, sw), (ph, pw) = stride, padding
 
         def launch(x, weight, bias, residual, out):
-            op(x, weight, bias, stride, padding, residual, relu, out)
+            op(x, weight, bias, sh, sw, ph, pw, residual, relu, out)
 
     else:
         launch = _triton_bound.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
@@ -235,7 +238,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
 
     def run(x, weight, bias, residual, out):
         if out is None:
-            out = _alloc.empty(shape, x, memory_format)
+            out = _alloc.empty_strided(shape, strides, x)
         launch(x, weight, bias, residual, out)
         return out
 

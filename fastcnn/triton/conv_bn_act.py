@@ -347,6 +347,12 @@ def _gpu_kernel(in_place: bool):
 _AUTOTUNE_CACHES = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
+def _tf32_allowed() -> bool:
+    """torch.backends.cudnn.allow_tf32, read from the C flag it sets (a fifth of the host time
+    of the module attribute, which a planned launch reads on every fp32 call)."""
+    return torch._C._get_cudnn_allow_tf32()
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 follows cuDNN's switch, as torch's own conv2d does (TF32 on by default there).
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting():
@@ -528,7 +534,7 @@ def _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, g
         o2.stride(), x.dtype, x.device, bias is None, residual is None, out2 is None, in_place,
         stride[0], stride[1], padding[0], padding[1], relu, pool, groups,
         aligned or tuple(a % 16 == 0 for a in addresses),
-        x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32, _autotune_enabled(),
+        x.dtype == torch.float32 and _tf32_allowed(), _autotune_enabled(),
     )  # fmt: skip
     plan = _plans.get(key)
     if plan is None:
@@ -547,10 +553,12 @@ def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
     """A launcher run(x, weight, bias, residual, out) for later calls whose tensors have these
     tensors' metadata, and an out of the output's shape in x's memory format (what
     fastcnn.ops.conv_bn_act.plan guarantees): per call it looks only at what can still change,
-    the pointers' 16-byte alignment, whether out is the residual, and the tf32 and autotune
-    switches, and keeps the launch plan of each combination (conv_bn_act_out builds a 22-field
-    key per call instead). None for an x that is not channels_last in memory (NCHW: converted
-    on every call, by conv_bn_act_out)."""
+    the pointers' 16-byte alignment, whether out is the residual, and the tf32 switch, and
+    keeps the launch plan of each combination (conv_bn_act_out builds a 22-field key per call
+    instead). FASTCNN_TRITON_AUTOTUNE is read when a combination is first seen: reading the
+    environment costs a tenth of a planned call, and either setting gives the same result (a
+    tuned or a heuristic config). None for an x that is not channels_last in memory (NCHW:
+    converted on every call, by conv_bn_act_out)."""
     if x.stride(1) != 1:
         return None
     has_bias, has_residual = bias is not None, residual is not None
@@ -563,7 +571,7 @@ def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
         aligned = not (x.data_ptr() | weight.data_ptr() | b.data_ptr() | r.data_ptr()
                        | out.data_ptr()) & 15  # fmt: skip
         in_place = has_residual and r.data_ptr() == out.data_ptr()
-        flags = (aligned, in_place, fp32 and torch.backends.cudnn.allow_tf32, _autotune_enabled())
+        flags = (aligned, in_place, fp32 and _tf32_allowed())
         plan = by_flags.get(flags) if aligned else None
         if plan is None:  # the full path: once per combination (always when not all aligned:
             # the kernel is specialized per pointer then)
