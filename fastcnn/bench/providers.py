@@ -20,7 +20,8 @@ PROVIDERS = {
     "fastcnn-cuda": "fastcnn.optimize(model, backend='cuda'), channels_last",
     "fastcnn-cpu": "fastcnn.optimize(model, backend='cpu'), channels_last",
     "compile": "torch.compile(model) with Inductor freezing, channels_last",
-    "compile-max": "torch.compile(model, mode='max-autotune') with freezing (compiles slowly)",
+    "compile-max": "torch.compile(model, mode='max-autotune-no-cudagraphs') with freezing "
+    "(compiles slowly; --cuda-graphs replays it from a graph, as it does fastcnn)",
     "jit": "torch.jit.freeze + optimize_for_inference of the traced model, channels_last",
     **peers.PEERS,  # fastcnn/bench/peers.py: NCHW in, each converts the layout itself
     **INT8_PROVIDERS,  # fastcnn/bench/int8.py: --precision int8
@@ -89,7 +90,9 @@ def build(provider: str, model: torch.nn.Module, example: torch.Tensor) -> Calla
 
         inductor_config.freezing = True
         torch._dynamo.reset()
-        mode = "max-autotune" if provider == "compile-max" else None
+        # max-autotune without Inductor's own CUDA graphs: fastcnn runs without one unless
+        # --cuda-graphs wraps every provider alike
+        mode = "max-autotune-no-cudagraphs" if provider == "compile-max" else None
         # dynamic=False: one static graph per batch size, as a deployment compiles it (the
         # default would recompile with dynamic shapes at the second batch size)
         return torch.compile(cl, mode=mode, dynamic=False)
