@@ -12,6 +12,16 @@ std::string cuda_arch_list();            // cuda/build_info.cu
 bool with_cublaslt();                    // cuda/build_info.cu
 std::vector<int64_t> take_conv_paths();  // cuda/conv_bn_act.cu
 #endif
+#ifdef FASTCNN_WITH_ONEDNN
+// cpu/onednn_conv.cpp
+at::Tensor onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups);
+bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntArrayRef w,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                 const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                 int64_t groups, bool relu);
+size_t onednn_conv_cached();
+#endif
 }  // namespace fastcnn
 
 TORCH_LIBRARY(fastcnn_ext, m) {
@@ -66,6 +76,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           const int64_t padding[2] = {pad_h, pad_w};
           op.call(x, weight, bias, stride, padding, residual, relu, out);
         });
+#ifdef FASTCNN_WITH_ONEDNN
+  // fastcnn.cpu.onednn's direct oneDNN convolutions (cpu/onednn_conv.cpp); absent without
+  // the oneDNN library, which fastcnn.cpu.onednn notices.
+  m.def("onednn_conv_pack", &fastcnn::onednn_conv_pack);
+  m.def("onednn_conv", &fastcnn::onednn_conv);
+  m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);
+#endif
   m.def("take_conv_paths", [] {
 #ifdef FASTCNN_WITH_CUDA
     return fastcnn::take_conv_paths();
@@ -88,6 +105,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_capability"] = FASTCNN_STR(CPU_CAPABILITY);
 #else
     info["cpu_capability"] = "DEFAULT";
+#endif
+#ifdef FASTCNN_WITH_ONEDNN
+    info["onednn"] = FASTCNN_STR(FASTCNN_WITH_ONEDNN);  // the library's version
+#else
+    info["onednn"] = pybind11::none();
 #endif
     info["torch_version"] = TORCH_VERSION;
 #ifdef _OPENMP

@@ -9,6 +9,7 @@ working on its other backends.
 
 Environment:
   FASTCNN_NO_CUDA=1        compile the CPU sources only
+  FASTCNN_NO_ONEDNN=1      build without the oneDNN library (CPU convs go through torch's ops)
   FASTCNN_BUILD_DIR=DIR    where to build (default: $XDG_CACHE_HOME or ~/.cache, then fastcnn/...)
   CUDA_HOME                the CUDA toolkit (else /usr/local/cuda, else the nvcc on PATH)
   TORCH_CUDA_ARCH_LIST     the GPU architectures to compile for (default "8.0;9.0")
@@ -47,6 +48,7 @@ class ExtensionStatus:
     arch_list: str | None
     cublaslt: bool  # 1x1 convs run as cuBLASLt GEMMs (else through cuDNN)
     cpu_capability: str | None
+    onednn: str | None  # the oneDNN library version the CPU convolutions call, or None
     build_dir: str
     error: str | None
 
@@ -147,6 +149,44 @@ def _cpu_capability_flags() -> tuple[list[str], str]:
     return [], "DEFAULT"
 
 
+def find_onednn() -> tuple[Path, Path, str] | None:
+    """(include dir, lib dir, version) of the oneDNN 3.x library that the onednn-cpu-gomp and
+    onednn-devel-cpu-gomp wheels install into this environment (built with GNU OpenMP, the
+    runtime torch uses, so both share one thread pool), or None. Other copies are not used:
+    Debian's is 2.x, and torch's own exports no symbols."""
+    if os.environ.get("FASTCNN_NO_ONEDNN", "0") not in ("", "0"):
+        return None
+    root = Path(sys.prefix)
+    include, lib = root / "include", root / "lib"
+    header = include / "oneapi" / "dnnl" / "dnnl_version.h"
+    if not header.is_file() or not (lib / "libdnnl.so").exists():
+        return None
+    version = {}
+    for line in header.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("DNNL_VERSION_"):
+            version[parts[1].removeprefix("DNNL_VERSION_")] = parts[2]
+    if version.get("MAJOR") != "3":
+        return None
+    return (
+        include,
+        lib,
+        f"{version['MAJOR']}.{version.get('MINOR', '0')}.{version.get('PATCH', '0')}",
+    )
+
+
+def _onednn_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for cpu/onednn_conv.cpp, empty without the library."""
+    found = find_onednn()
+    if found is None:
+        return [], []
+    include, lib, version = found
+    return (
+        [f"-I{include}", f"-DFASTCNN_WITH_ONEDNN={version}"],
+        [f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
+    )
+
+
 def arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
 
@@ -245,6 +285,7 @@ def _compile(verbose: bool) -> ModuleType:
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     lt_cflags, lt_ldflags = _cublaslt_flags(home, out) if home else ([], [])
+    dnnl_cflags, dnnl_ldflags = _onednn_flags()
     saved_cuda_home = os.environ.get("CUDA_HOME")
     saved_home = cpp_extension.CUDA_HOME
     try:
@@ -254,8 +295,8 @@ def _compile(verbose: bool) -> ModuleType:
         return cpp_extension.load(
             name=EXTENSION_NAME,
             sources=_sources(with_cuda=home is not None),
-            extra_cflags=["-O3", *_openmp_flags(), *cpu_flags, *defines],
-            extra_ldflags=[*_openmp_flags(), *lt_ldflags],
+            extra_cflags=["-O3", *_openmp_flags(), *cpu_flags, *defines, *dnnl_cflags],
+            extra_ldflags=[*_openmp_flags(), *lt_ldflags, *dnnl_ldflags],
             extra_cuda_cflags=[
                 "-O3",
                 "-lineinfo",
@@ -314,6 +355,7 @@ def status(build: bool = False) -> ExtensionStatus:
         arch_list=arch,
         cublaslt=bool(info.get("cublaslt", False)),
         cpu_capability=info.get("cpu_capability"),
+        onednn=info.get("onednn"),
         build_dir=str(build_dir()),
         error=_error,
     )

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  CUDA        : {cuda}")
     print(f"  CPU vector  : {state.cpu_capability}")
+    print(f"  oneDNN      : {state.onednn or 'not linked (CPU convs through torch mkldnn ops)'}")
     print(f"  build dir   : {state.build_dir}")
     return 0
 

@@ -72,6 +72,7 @@ def collect() -> dict[str, object]:
             else f"no ({ext.cuda_note})"
         ),
         "extension CPU vectorization": ext.cpu_capability or "n/a",
+        "extension oneDNN (CPU convs)": ext.onednn or "not linked: torch's mkldnn ops instead",
         "extension build dir": ext.build_dir,
     }
     if ext.error:

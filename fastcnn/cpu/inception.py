@@ -2,8 +2,8 @@
 that is faster on this machine for this input shape, chosen by timing both on the first call:
 
   merged:   branch 1's 1x1 and the two reduce 1x1s as ONE conv over their concatenated weights
-            (one pass over x, a wider GEMM), the kxk convs reading channel slices of its output;
-            torch's oneDNN op copies such a slice to a dense tensor first (two copies a block).
+            (one pass over x, a wider GEMM), the kxk convs reading channel slices of its output,
+            copied dense first (oneDNN reads no channel slice in place): two copies a block.
   separate: the three 1x1 convs on x apart (three passes over x), every output dense: no copies.
 
 Which wins depends on the CPU, the batch and the block (measured on one Xeon: merged at batch 1,
@@ -66,6 +66,9 @@ def _branches(variant: str, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, po
         c1, c2r, _ = widths
         reduced = _conv(x, rw, rb)
         y1, r2, r3 = reduced[:, :c1], reduced[:, c1 : c1 + c2r], reduced[:, c1 + c2r :]
+        # dense copies of the reduce slices: oneDNN has no optimized kernel reading a channel
+        # slice (torch's op copies it too; the direct path would fall back to it)
+        r2, r3 = (r.contiguous(memory_format=torch.channels_last) for r in (r2, r3))
     else:
         y1, r2, r3 = (_conv(x, w, b) for w, b in parts)
     y2 = _conv(r2, w2, b2, w2.shape[-1])

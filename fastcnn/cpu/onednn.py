@@ -1,11 +1,18 @@
 """Conv + bias (+ residual) + ReLU on the CPU as ONE oneDNN primitive with post-ops.
 
-This is what PyTorch's own mkldnn fusion ops and Inductor's CPU freezing path run
-(torch.ops.mkldnn._convolution_pointwise): the bias, the residual add and the ReLU are oneDNN
-post-ops applied while each output block is still in registers/cache, instead of eager's separate
-passes. Weights are prepacked once per input shape into oneDNN's blocked layout and repacked
-only when the weight tensor changes (version counter, storage or shape; inference
-tensors have no version counter, so only a new storage or shape counts for them).
+The bias, the residual add and the ReLU are oneDNN post-ops applied while each output block is
+still in registers/cache, instead of eager's separate passes. Two ways to reach oneDNN:
+
+  direct: the extension's own oneDNN calls (csrc/cpu/onednn_conv.cpp, the onednn-cpu-gomp
+          wheel's library), fp32 with channels innermost: primitives made once per shape and
+          layout and kept, input, output and residual read and written through their strides.
+  torch:  torch.ops.mkldnn._convolution_pointwise, what Inductor's CPU freezing path runs; it
+          creates its primitive descriptor on every call (20-45 µs a conv). Every other case,
+          and all of them where the extension was built without the library (noted once).
+
+Weights are prepacked once per input shape into oneDNN's blocked layout and repacked only when
+the weight tensor changes (version counter, storage or shape; inference tensors have no
+version counter, so only a new storage or shape counts for them).
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import threading
 import weakref
 
 import torch
+
+from fastcnn import _backend, _extension
+from fastcnn.ops import _alloc
 
 _mkldnn = torch.ops.mkldnn
 
@@ -97,10 +107,83 @@ def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 
     )
 
 
+_direct_module: list = []  # [the extension, or None]: resolved on first use
+
+
+def _direct():
+    """The extension with its direct oneDNN convolutions, or None (noted once)."""
+    if not _direct_module:
+        ext = _extension.load()
+        if ext is None or not hasattr(ext, "onednn_conv"):
+            _backend.note_once(
+                ("conv_bn_act", "onednn-direct"),
+                "fastcnn: the extension was built without the oneDNN library (the "
+                "onednn-cpu-gomp and onednn-devel-cpu-gomp wheels): CPU convolutions go "
+                "through torch's mkldnn ops, 20-45 µs slower a call",
+            )
+            ext = None
+        _direct_module.append(ext)
+    return _direct_module[0]
+
+
+def pack_key(x: torch.Tensor) -> tuple:
+    """The key of x's packed weight in the pack cache: the two paths pack apart (torch's
+    packed tensor, or the direct path's bytes), both per input shape."""
+    shape = tuple(x.shape)
+    return ("direct", *shape) if direct(x) else shape
+
+
+def direct(x: torch.Tensor) -> bool:
+    """Does conv_bn_act run x through the direct oneDNN path (fp32, channels innermost)?"""
+    return x.dtype == torch.float32 and x.stride(1) == 1 and _direct() is not None
+
+
+def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None, bool]:
+    """(the residual in x's layout, whether it is still written in place): a residual in
+    another layout is copied (see residual_copy_reason; the copy is a new tensor already)."""
+    if residual_copy_reason(x, residual) is None:
+        return residual, in_place
+    return residual.contiguous(memory_format=torch.channels_last), False
+
+
+def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups):
+    """The direct path's result, or None where oneDNN has no optimized kernel for these
+    strides (noted once; the torch path then runs it)."""
+    ext = _direct()
+    shape = tuple(x.shape)
+    stride, padding = tuple(stride), tuple(padding)
+    packed = _cache.get(
+        weight,
+        signature(weight),
+        pack_key(x),
+        lambda: ext.onednn_conv_pack(weight, shape, stride, padding, groups),
+    )
+    residual, in_place = _channels_last_residual(x, residual, in_place)
+    if in_place:
+        out = residual
+    else:
+        n, h, w = shape[0], shape[2], shape[3]
+        c_out, _, kh, kw = weight.shape
+        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+        out = _alloc.empty((n, c_out, ho, wo), x, torch.channels_last)
+    done = ext.onednn_conv(
+        x, packed, weight.shape, bias, residual, out, stride, padding, groups, relu
+    )
+    if done:
+        return out
+    _backend.note_once(
+        ("conv_bn_act", f"onednn-strides-{x.stride()}-{out.stride()}"),
+        f"fastcnn: oneDNN has no optimized kernel for x strides {x.stride()} and output "
+        f"strides {out.stride()}: torch's mkldnn op runs this conv (a dense copy first)",
+    )
+    return None
+
+
 def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
     """Why conv_bn_act must copy this residual first, or None. oneDNN writes the result in
-    x's layout; a residual in another layout is converted once (compared by layout, not with
-    x's strides: the residual has the output's shape)."""
+    x's layout; through torch's ops a residual in another layout is converted once (compared
+    by layout, not with x's strides: the residual has the output's shape)."""
     cl = torch.channels_last
     if residual is None or not x.is_contiguous(memory_format=cl):
         return None
@@ -125,15 +208,17 @@ def conv_bn_act(
     with the result (as Inductor's CPU path does for ResNet's shortcut: no new allocation, whose
     page faults cost as much as a small conv). Grouped (and depthwise) convolutions are oneDNN's
     groups; dilation=1; a dtype `supports` accepts."""
+    if direct(x):
+        y = _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups)
+        if y is not None:
+            return y
     w = prepacked(weight, padding, stride, x.shape, groups)
     pad, st, dil = list(padding), list(stride), [1, 1]
     if residual is None:
         return _mkldnn._convolution_pointwise(
             x, w, bias, pad, st, dil, groups, "relu" if relu else "none", [], ""
         )
-    if residual_copy_reason(x, residual) is not None:
-        residual = residual.contiguous(memory_format=torch.channels_last)
-        in_place = False  # the converted copy is a new tensor already
+    residual, in_place = _channels_last_residual(x, residual, in_place)
     if in_place:  # the binary add's operand is also its destination: no new output tensor
         return _mkldnn._convolution_pointwise_.binary(
             residual,

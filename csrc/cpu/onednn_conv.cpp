@@ -1,0 +1,254 @@
+// Conv + bias (+ residual) (+ ReLU) as one oneDNN primitive, called directly (the oneDNN
+// library of the onednn-cpu-gomp wheel; torch's own copy exports no symbols). What this saves
+// over torch.ops.mkldnn._convolution_pointwise is the primitive descriptor torch creates on
+// every call (20-45 us a conv, 2-3 ms of a batch-1 GoogLeNet): here primitives are made once
+// per (shapes, strides, post-ops) and kept. Source and destination are described by their own
+// strides, so a channel slice of a larger channels_last tensor is read or written in place.
+// Built only where the wheel's headers are found (fastcnn/_extension.py defines
+// FASTCNN_WITH_ONEDNN); fastcnn.cpu.onednn falls back to torch's ops otherwise, with a note.
+#ifdef FASTCNN_WITH_ONEDNN
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace fastcnn {
+namespace {
+
+using dnnl::memory;
+using Key = std::vector<int64_t>;
+
+struct KeyHash {
+  size_t operator()(const Key& key) const {
+    size_t h = key.size();
+    for (int64_t v : key)
+      h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
+  }
+};
+
+// A cached primitive; prim is null where oneDNN offers no optimized kernel for the layout
+// (the caller then takes torch's path, which copies to a dense layout first).
+struct Conv {
+  std::shared_ptr<dnnl::convolution_forward> prim;
+  memory::desc src, weights, bias, dst, residual, scratchpad;
+  bool sum = false;  // residual added as a sum post-op: it is the destination itself
+};
+
+// Primitives kept: a GoogLeNet or ResNet-50 at a handful of batch sizes needs a few hundred.
+// Past the bound the map is emptied (and refilled by the shapes still in use).
+constexpr size_t kMaxPrimitives = 2048;
+
+dnnl::engine& engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+dnnl::stream& thread_stream() {  // streams are not shared between threads
+  thread_local dnnl::stream stream(engine());
+  return stream;
+}
+
+memory::data_type data_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return memory::data_type::f32;
+    case at::kBFloat16:
+      return memory::data_type::bf16;
+    case at::kHalf:
+      return memory::data_type::f16;
+    default:
+      TORCH_CHECK(false, "fastcnn onednn_conv: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// t's layout as oneDNN matches it: a dense channels_last or NCHW tensor by its format tag (a
+// size-1 dim's stride is arbitrary in torch, while oneDNN compares every stride), any other
+// (a channel slice) by its strides.
+memory::desc strided(const at::Tensor& t, memory::data_type type) {
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return memory::desc(t.sizes().vec(), type, memory::format_tag::nhwc);
+  }
+  if (t.is_contiguous()) {
+    return memory::desc(t.sizes().vec(), type, memory::format_tag::abcd);
+  }
+  return memory::desc(t.sizes().vec(), type, t.strides().vec());
+}
+
+// The weight as oneDNN sees it: [G, O/G, I/G, KH, KW] for grouped convs, read through its own
+// strides (fastcnn keeps weights channels_last).
+memory::desc weight_view(const at::Tensor& w, int64_t groups, memory::data_type type) {
+  if (groups == 1) return strided(w, type);
+  auto s = w.strides();
+  return memory::desc({groups, w.size(0) / groups, w.size(1), w.size(2), w.size(3)}, type,
+                      {s[0] * (w.size(0) / groups), s[0], s[1], s[2], s[3]});
+}
+
+memory::dims weight_dims(at::IntArrayRef w, int64_t groups) {
+  if (groups == 1) return w.vec();
+  return {groups, w[0] / groups, w[1], w[2], w[3]};
+}
+
+memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
+                         at::IntArrayRef padding) {
+  return {x[0], w[0], (x[2] + 2 * padding[0] - w[2]) / stride[0] + 1,
+          (x[3] + 2 * padding[1] - w[3]) / stride[1] + 1};
+}
+
+// The packed weight layout for a conv of these shapes: the one oneDNN picks for dense
+// channels_last input and output. Every primitive of the same shapes is made with it, so one
+// packed copy serves a conv whatever its post-ops or its input's and output's strides.
+memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
+                                at::IntArrayRef padding, int64_t groups, memory::data_type type) {
+  using tag = memory::format_tag;
+  dnnl::convolution_forward::primitive_desc pd(
+      engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      memory::desc(x.vec(), type, tag::nhwc), memory::desc(weight_dims(w, groups), type, tag::any),
+      memory::desc({w[0]}, type, tag::a),
+      memory::desc(output_dims(x, w, stride, padding), type, tag::nhwc), stride.vec(),
+      padding.vec(), padding.vec());
+  return pd.weights_desc();
+}
+
+// Reference and gemm-based kernels are far slower than torch's path (which copies a strided
+// input to a dense one first): only the optimized convolution kernels are taken.
+bool optimized(const std::string& impl) {
+  return impl.find("ref") == std::string::npos && impl.find("gemm") == std::string::npos;
+}
+
+std::mutex cache_mutex;
+std::unordered_map<Key, std::shared_ptr<const Conv>, KeyHash> cache;
+
+std::shared_ptr<const Conv> make_conv(const at::Tensor& x, at::IntArrayRef w, bool has_bias,
+                                      const std::optional<at::Tensor>& residual,
+                                      const at::Tensor& out, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, int64_t groups, bool relu) {
+  auto conv = std::make_shared<Conv>();
+  const auto type = data_type(x);
+  conv->src = strided(x, type);
+  conv->dst = strided(out, type);
+  conv->weights = packed_weight_desc(x.sizes(), w, stride, padding, groups, type);
+  if (has_bias) conv->bias = memory::desc({w[0]}, type, memory::format_tag::a);
+  dnnl::post_ops ops;
+  if (residual.has_value()) {
+    conv->sum = residual->data_ptr() == out.data_ptr();
+    if (conv->sum) {
+      ops.append_sum(1.f);
+    } else {
+      conv->residual = strided(*residual, type);
+      ops.append_binary(dnnl::algorithm::binary_add, conv->residual);
+    }
+  }
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
+  try {
+    dnnl::convolution_forward::primitive_desc pd(engine(), dnnl::prop_kind::forward_inference,
+                                                 dnnl::algorithm::convolution_direct, conv->src,
+                                                 conv->weights, conv->bias, conv->dst, stride.vec(),
+                                                 padding.vec(), padding.vec(), attr);
+    if (optimized(pd.impl_info_str())) {
+      conv->scratchpad = pd.scratchpad_desc();
+      conv->prim = std::make_shared<dnnl::convolution_forward>(pd);
+    }
+  } catch (const dnnl::error&) {
+    // no implementation for this combination: prim stays null, the caller takes torch's path
+  }
+  return conv;
+}
+
+}  // namespace
+
+// weight [O, I/G, KH, KW] packed into the layout every conv of these shapes reads (see
+// packed_weight_desc), as a byte tensor.
+at::Tensor onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  TORCH_CHECK(weight.dim() == 4 && x_sizes.size() == 4 && !weight.is_cuda(),
+              "fastcnn onednn_conv_pack: a 4-D CPU weight and input sizes expected");
+  const auto type = data_type(weight);
+  auto packed_desc = packed_weight_desc(x_sizes, weight.sizes(), stride, padding, groups, type);
+  auto packed =
+      at::empty({static_cast<int64_t>(packed_desc.get_size())}, weight.options().dtype(at::kByte));
+  memory from(weight_view(weight, groups, type), engine(), weight.data_ptr());
+  memory to(packed_desc, engine(), packed.data_ptr());
+  auto& stream = thread_stream();
+  dnnl::reorder(from, to).execute(stream, from, to);
+  stream.wait();
+  return packed;
+}
+
+// out = relu?(conv2d(x, weight) + bias + residual) with weight packed by onednn_conv_pack for
+// x's sizes. Returns false, writing nothing, where oneDNN has no optimized kernel for these
+// strides (the caller then takes another path). residual may be out itself (a sum post-op).
+bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntArrayRef w,
+                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                 const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                 int64_t groups, bool relu) {
+  TORCH_CHECK(
+      x.dim() == 4 && out.dim() == 4 && w.size() == 4 && stride.size() == 2 && padding.size() == 2,
+      "fastcnn onednn_conv: 4-D x/out, 4 weight sizes, 2 strides and paddings expected");
+  Key key;
+  key.reserve(40);
+  key.push_back(static_cast<int64_t>(x.scalar_type()));
+  for (auto v : x.sizes()) key.push_back(v);
+  for (auto v : x.strides()) key.push_back(v);
+  for (auto v : w) key.push_back(v);
+  for (auto v : out.strides()) key.push_back(v);
+  key.insert(key.end(),
+             {stride[0], stride[1], padding[0], padding[1], groups, relu, bias.has_value()});
+  if (residual.has_value()) {
+    key.push_back(residual->data_ptr() == out.data_ptr() ? 1 : 2);
+    for (auto v : residual->strides()) key.push_back(v);
+  }
+  std::shared_ptr<const Conv> conv;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto hit = cache.find(key);
+    if (hit != cache.end()) conv = hit->second;
+  }
+  if (!conv) {
+    conv = make_conv(x, w, bias.has_value(), residual, out, stride, padding, groups, relu);
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    if (cache.size() >= kMaxPrimitives) cache.clear();
+    cache.emplace(key, conv);
+  }
+  if (!conv->prim) return false;
+  TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
+              "fastcnn onednn_conv: the packed weight was packed for other shapes");
+  auto& eng = engine();
+  std::unordered_map<int, memory> args = {
+      {DNNL_ARG_SRC, memory(conv->src, eng, x.data_ptr())},
+      {DNNL_ARG_WEIGHTS, memory(conv->weights, eng, packed_weight.data_ptr())},
+      {DNNL_ARG_DST, memory(conv->dst, eng, out.data_ptr())}};
+  if (bias.has_value()) args.emplace(DNNL_ARG_BIAS, memory(conv->bias, eng, bias->data_ptr()));
+  if (residual.has_value() && !conv->sum) {
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                 memory(conv->residual, eng, residual->data_ptr()));
+  }
+  at::Tensor scratchpad;
+  if (conv->scratchpad.get_size() > 0) {
+    scratchpad = at::empty({static_cast<int64_t>(conv->scratchpad.get_size())},
+                           x.options().dtype(at::kByte));
+    args.emplace(DNNL_ARG_SCRATCHPAD, memory(conv->scratchpad, eng, scratchpad.data_ptr()));
+  }
+  auto& stream = thread_stream();
+  conv->prim->execute(stream, args);
+  stream.wait();
+  return true;
+}
+
+size_t onednn_conv_cached() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return cache.size();
+}
+
+}  // namespace fastcnn
+
+#endif  // FASTCNN_WITH_ONEDNN
