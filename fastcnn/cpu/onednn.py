@@ -180,6 +180,40 @@ def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, gro
     return None
 
 
+def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strides, groups=1):
+    """A run(x, weight, bias, residual, out) through the direct path for later calls whose
+    tensors have these tensors' metadata, out None (a new tensor of out_shape/out_strides) or
+    the residual (in place), as fastcnn.ops.conv_bn_act.plan promises: per call only the
+    weight's pack lookup, the output allocation and the C++ call. None where the direct path
+    does not take such calls (then the op's own path runs them)."""
+    if not direct(x) or x.dtype != weight.dtype or residual_copy_reason(x, residual):
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    ext = _direct()
+    conv, pack_weight = ext.onednn_conv, ext.onednn_conv_pack
+    shape, key, w_shape = tuple(x.shape), pack_key(x), tuple(weight.shape)
+    stride, padding = tuple(stride), tuple(padding)
+    out_shape, out_strides = tuple(out_shape), tuple(out_strides)
+
+    def run(x, weight, bias, residual, out):
+        packed = _cache.get(
+            weight,
+            signature(weight),
+            key,
+            lambda: pack_weight(weight, shape, stride, padding, groups),
+        )
+        if out is None:
+            out = _alloc.empty_strided(out_shape, out_strides, x)
+        if conv(x, packed, w_shape, bias, residual, out, stride, padding, groups, relu):
+            return out
+        # no optimized kernel for these strides (the same every call: noted once there)
+        in_place = out is residual
+        return conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
+
+    return run
+
+
 def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
     """Why conv_bn_act must copy this residual first, or None. oneDNN writes the result in
     x's layout; through torch's ops a residual in another layout is converted once (compared

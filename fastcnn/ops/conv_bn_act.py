@@ -207,6 +207,17 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     if groups != 1 and impl not in _GROUPED_IMPLS:
         return None
     stride, padding, dilation = args[3], args[4], args[6]
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
+    if impl is _cpu_impl:
+        # fp32 through the extension's oneDNN calls: the pack lookup, the allocation, the call
+        from fastcnn.cpu import onednn
+
+        if onednn.supports(x.dtype):
+            run = onednn.bound(x, weight, bias, stride, padding, residual, relu, shape, strides,
+                               groups)  # fmt: skip
+            if run is not None:
+                return run
     if impl not in (_triton_impl, _cuda_impl):  # oneDNN and eager allocate their own output
 
         def run(x, weight, bias, residual, out):
@@ -216,8 +227,6 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     # The GPU kernels write into a buffer allocated here, and their launcher is resolved now:
     # a planned call is the allocation and the launcher call, nothing else (plans run only
     # while no trace records, so there is no path to record).
-    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
     stride, padding = tuple(stride), tuple(padding)
     if impl is _cuda_impl:
         # the dispatcher call of torch.ops.fastcnn_ext.conv_bn_act_out, through pybind11 (a
