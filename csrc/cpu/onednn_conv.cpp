@@ -55,6 +55,15 @@ dnnl::stream& thread_stream() {  // streams are not shared between threads
   return stream;
 }
 
+// This thread's scratchpad, grown to the largest a primitive asked for and kept: a fresh one
+// per call costs a large allocation whose pages fault in on every call. One call at a time
+// runs on a thread, so the buffer is never shared.
+void* thread_scratchpad(size_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
 memory::data_type data_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -232,11 +241,9 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntAr
     args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
                  memory(conv->residual, eng, residual->data_ptr()));
   }
-  at::Tensor scratchpad;
   if (conv->scratchpad.get_size() > 0) {
-    scratchpad = at::empty({static_cast<int64_t>(conv->scratchpad.get_size())},
-                           x.options().dtype(at::kByte));
-    args.emplace(DNNL_ARG_SCRATCHPAD, memory(conv->scratchpad, eng, scratchpad.data_ptr()));
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 memory(conv->scratchpad, eng, thread_scratchpad(conv->scratchpad.get_size())));
   }
   auto& stream = thread_stream();
   conv->prim->execute(stream, args);

@@ -24,6 +24,7 @@ import torch
 from fastcnn import _trace
 from fastcnn.cpu import onednn
 from fastcnn.cpu.pool import max_pool2d_or_torch
+from fastcnn.ops import _alloc
 
 VARIANTS = ("merged", "separate")
 TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
@@ -108,3 +109,56 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
                 chosen.pop(next(iter(chosen)), None)  # the oldest shape
             chosen[shape] = variant
     return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant
+
+
+def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
+    """A run(x, rw, rb, w2, b2, w3, b3, w4, b4) for later calls whose tensors have these
+    tensors' metadata, through bound direct oneDNN convs (fastcnn.cpu.onednn.bound): the
+    variant chosen for the shape as `branches` chooses it, then the pool, the convs and the
+    concat, with no per-call checks. None where the direct path does not take x (then the
+    op's own path runs every call)."""
+    cl = torch.channels_last
+    if not onednn.direct(x) or not x.is_contiguous(memory_format=cl):
+        return None
+    n, _, h, w = x.shape
+    c1, c2r, c3r = widths
+
+    def conv(c_in: int, weight: torch.Tensor, k: int = 1):
+        example = torch.empty((n, c_in, h, w), dtype=x.dtype, memory_format=cl)
+        shape = (n, weight.shape[0], h, w)
+        strides = torch.empty(shape, device="meta", memory_format=cl).stride()
+        return onednn.bound(example, weight, None, (1, 1), (k // 2, k // 2), None, True,
+                            shape, strides)  # fmt: skip
+
+    c_in = x.shape[1]
+    reduce, branch1 = conv(c_in, rw), conv(c_in, rw[:c1])
+    reduce2, reduce3 = conv(c_in, rw[c1 : c1 + c2r]), conv(c_in, rw[c1 + c2r :])
+    conv2, conv3 = conv(c2r, w2, w2.shape[-1]), conv(c3r, w3, w3.shape[-1])
+    conv4 = conv(c_in, w4)
+    if None in (reduce, branch1, reduce2, reduce3, conv2, conv3, conv4):
+        return None
+    shape, out_shape, out_strides = tuple(x.shape), tuple(out_shape), tuple(out_strides)
+
+    def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
+        _, parts, chosen = _block(rw, rb, widths)
+        variant = chosen.get(shape)
+        if variant is None:  # first call at this shape: time the two structures
+            ys, variant = branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
+        elif variant == "merged":
+            reduced = reduce(x, rw, rb, None, None)
+            r2, r3 = (r.contiguous(memory_format=cl) for r in (reduced[:, c1 : c1 + c2r],
+                                                               reduced[:, c1 + c2r :]))  # fmt: skip
+            ys = [reduced[:, :c1], conv2(r2, w2, b2, None, None), conv3(r3, w3, b3, None, None)]
+        else:
+            (w1, b1), (w2r, b2r), (w3r, b3r) = parts
+            ys = [
+                branch1(x, w1, b1, None, None),
+                conv2(reduce2(x, w2r, b2r, None, None), w2, b2, None, None),
+                conv3(reduce3(x, w3r, b3r, None, None), w3, b3, None, None),
+            ]
+        if len(ys) == 3:
+            ys.append(conv4(max_pool2d_or_torch(x, pool, 1, pool // 2, True), w4, b4, None, None))
+        out = _alloc.empty_strided(out_shape, out_strides, x)
+        return torch.cat(ys, 1, out=out)
+
+    return run

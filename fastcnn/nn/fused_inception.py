@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcnn import _backend, ops
+from fastcnn import _backend, _trace, ops
+from fastcnn.cpu.plan import Plans
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fold_bn import fold_bn
+from fastcnn.ops._dispatch import can_skip_dispatcher
+from fastcnn.ops.inception import plan as plan_inception
 
 _BUFFERS = ("reduce_weight", "reduce_bias", "w2", "b2", "w3", "b3", "w4", "b4")
 
@@ -59,6 +62,7 @@ class FusedInception(nn.Module):
         self.widths = [ch1x1, ch3x3red, ch5x5red]
         self.pool = pool
         self.backend = backend
+        self._plans = Plans()  # per input signature: fastcnn.ops.inception.plan, bounded
         shapes = {
             "reduce_weight": (sum(self.widths), in_channels, 1, 1),
             "reduce_bias": (sum(self.widths),),
@@ -144,11 +148,32 @@ class FusedInception(nn.Module):
         return cls.from_folded([(c.weight, c.bias) for c in convs], pool, backend)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        args = [getattr(self, name) for name in _BUFFERS]
+        buffers = self._buffers
+        args = [buffers[name] for name in _BUFFERS]
+        # The planned path, as in ConvBNAct: plain tensors, no out=, no trace recording; the
+        # plan (fastcnn.ops.inception.plan) made once per signature and backend choice.
+        if out is None and not _trace.active() and can_skip_dispatcher(x):
+            key = (
+                x.shape, x.stride(), x.dtype, x.device, self.backend or _backend.get_backend(),
+                tuple(self.widths), self.pool,
+                *[(t.shape, t.stride(), t.dtype, t.device) for t in args],
+            )  # fmt: skip
+            run = self._plans.get(key)
+            if run is None:
+                run = self._plan(x, args) or False
+                self._plans.add(key, run)
+            if run:
+                return run(x, *args)
         if self.backend is not None:
             with _backend.use_backend(self.backend):
                 return ops.inception(x, *args[:2], self.widths, *args[2:], self.pool, out=out)
         return ops.inception(x, *args[:2], self.widths, *args[2:], self.pool, out=out)
+
+    def _plan(self, x, args):
+        if self.backend is None:
+            return plan_inception(x, *args[:2], self.widths, *args[2:], self.pool)
+        with _backend.use_backend(self.backend):
+            return plan_inception(x, *args[:2], self.widths, *args[2:], self.pool)
 
 
 def _check_convs(convs) -> None:

@@ -19,7 +19,7 @@ from fastcnn import _backend, _trace, reference
 from fastcnn.ops import _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
-from fastcnn.ops.conv_bn_act import as_result, new_output
+from fastcnn.ops.conv_bn_act import as_result, memory_format_of, new_output
 
 _OP = "inception"
 _conv = triton_kernel("conv_bn_act", "conv_bn_act_out")
@@ -154,6 +154,33 @@ _op = FusedOp(
     _allocate,
     _run,
 )
+
+
+def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool):
+    """inception planned for every later call whose tensors have these tensors' metadata under
+    the same backend choice: the checks and the backend pick run now; the returned
+    run(x, rw, rb, w2, b2, w3, b3, w4, b4) only computes. None where such calls take the full
+    path (every backend but the cpu one's direct oneDNN convs, for now).
+    fastcnn.nn.FusedInception keeps one per input signature."""
+    tensors = (x, rw, rb, w2, b2, w3, b3, w4, b4)
+    for name, t in zip(("x", "reduce_weight", "reduce_bias", "w2", "b2", "w3", "b3", "w4", "b4"),
+                       tensors, strict=True):  # fmt: skip
+        _checks.check_tensor(_OP, name, t)
+    widths = [int(w) for w in widths]
+    if any(not b.is_contiguous() for b in (rb, b2, b3, b4)):
+        return None  # strided biases are copied dense per call by the full path
+    _validate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), None)
+    if _backend.pick(_OP, x.device, _IMPLS) is not _cpu_impl:
+        return None
+    from fastcnn.cpu import inception as cpu_inception
+    from fastcnn.cpu import onednn
+
+    if not onednn.supports(x.dtype):
+        return None
+    shape = _out_shape(x, widths, w2, w3, w4)
+    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
+    return cpu_inception.bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), shape,
+                               strides)  # fmt: skip
 
 
 def inception(

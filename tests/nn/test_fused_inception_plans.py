@@ -1,0 +1,82 @@
+"""FusedInception's per-signature plans on the cpu backend (fastcnn.ops.inception.plan ->
+fastcnn.cpu.inception.bound): later calls skip the op and run bound direct oneDNN convs, in
+either structure, stay right when the weights change in place, and inputs the direct path does
+not take keep the op's own path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastcnn_testing import random_tensor, randomize_batchnorm
+from torchvision.models.googlenet import Inception
+
+import fastcnn
+from fastcnn import _extension, reference
+from fastcnn.cpu import inception
+
+_ext = _extension.load()
+pytestmark = pytest.mark.skipif(
+    _ext is None or not hasattr(_ext, "onednn_conv"),
+    reason="the extension was built without the oneDNN library: no plan is made",
+)
+
+
+def _fused():
+    torch.manual_seed(0)
+    block = randomize_batchnorm(Inception(19, 8, 6, 10, 3, 5, 7), seed=1).eval()
+    return fastcnn.nn.FusedInception.from_module(block, backend="cpu")
+
+
+def _expected(fused, x):
+    args = [
+        fused.reduce_weight, fused.reduce_bias, fused.widths, fused.w2, fused.b2, fused.w3,
+        fused.b3, fused.w4, fused.b4, fused.pool,
+    ]  # fmt: skip
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    return reference.inception(x.double(), *args)
+
+
+def _no_op(*args, **kwargs):
+    raise AssertionError("a planned call went through fastcnn.ops.inception")
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_planned_calls_skip_the_op_and_match_the_reference(variant, monkeypatch):
+    fused = _fused()
+    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+    with torch.no_grad():
+        first = fused(x)  # plans, and chooses the structure
+        assert len(fused._plans) == 1 and next(iter(fused._plans._plans.values()))
+        monkeypatch.setattr(fastcnn.ops, "inception", _no_op)
+        second = fused(x)
+    for out in (first, second):
+        torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_weights_changed_in_place_are_used_by_the_plan(variant, monkeypatch):
+    fused = _fused()
+    x = random_tensor((1, 19, 5, 6), torch.float32, "cpu", channels_last=True, seed=4)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+    with torch.no_grad():
+        fused(x)
+        fused(x)
+        for name in ("reduce_weight", "w2", "b4"):
+            getattr(fused, name).mul_(-0.5)  # e.g. load_state_dict copies new values in
+        out = fused(x)
+    torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_the_direct_path_does_not_take_keep_the_op():
+    fused = _fused()
+    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", seed=5)  # NCHW
+    with torch.no_grad():
+        out = fused(x)
+        assert list(fused._plans._plans.values()) == [False]
+        with fastcnn.trace() as t:  # the op runs (and records) on every call
+            again = fused(x)
+    assert t.kernels("inception"), str(t)
+    for y in (out, again):
+        torch.testing.assert_close(y.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
