@@ -79,8 +79,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTCNN_WITH_ONEDNN
   // fastcnn.cpu.onednn's direct oneDNN convolutions (cpu/onednn_conv.cpp); absent without
   // the oneDNN library, which fastcnn.cpu.onednn notices.
-  m.def("onednn_conv_pack", &fastcnn::onednn_conv_pack);
-  m.def("onednn_conv", &fastcnn::onednn_conv);
+  // Without the GIL while oneDNN runs, as torch's own ops: serving threads overlap.
+  m.def("onednn_conv_pack", &fastcnn::onednn_conv_pack,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);
 #endif
   m.def("take_conv_paths", [] {
