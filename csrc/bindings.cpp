@@ -14,12 +14,13 @@ std::vector<int64_t> take_conv_paths();  // cuda/conv_bn_act.cu
 #endif
 #ifdef FASTCNN_WITH_ONEDNN
 // cpu/onednn_conv.cpp
-at::Tensor onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
-                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups);
-bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntArrayRef w,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                 const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
-                 int64_t groups, bool relu);
+std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 int64_t groups);
+bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
+                 at::IntArrayRef w, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                 at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu);
 size_t onednn_conv_cached();
 #endif
 }  // namespace fastcnn

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -111,8 +112,9 @@ memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef s
 }
 
 // The packed weight layout for a conv of these shapes: the one oneDNN picks for dense
-// channels_last input and output. Every primitive of the same shapes is made with it, so one
-// packed copy serves a conv whatever its post-ops or its input's and output's strides.
+// channels_last input and output. oneDNN's choice also depends on the thread count, so a pack
+// carries the id of its layout (layout_id) and a primitive is made for, and keyed by, that
+// exact layout: one packed copy serves a conv whatever its post-ops, strides or threads.
 memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups, memory::data_type type) {
   using tag = memory::format_tag;
@@ -134,15 +136,37 @@ bool optimized(const std::string& impl) {
 std::mutex cache_mutex;
 std::unordered_map<Key, std::shared_ptr<const Conv>, KeyHash> cache;
 
-std::shared_ptr<const Conv> make_conv(const at::Tensor& x, at::IntArrayRef w, bool has_bias,
+// Every packed weight layout seen, by id (the index): a handful per model, never removed, so an
+// id stays valid for the life of the process.
+std::mutex layouts_mutex;
+std::vector<memory::desc> layouts;
+
+int64_t layout_id(const memory::desc& desc) {
+  std::lock_guard<std::mutex> lock(layouts_mutex);
+  for (size_t i = 0; i < layouts.size(); ++i) {
+    if (layouts[i] == desc) return static_cast<int64_t>(i);
+  }
+  layouts.push_back(desc);
+  return static_cast<int64_t>(layouts.size() - 1);
+}
+
+memory::desc layout(int64_t id) {
+  std::lock_guard<std::mutex> lock(layouts_mutex);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < layouts.size(),
+              "fastcnn onednn_conv: unknown packed weight layout ", id);
+  return layouts[id];
+}
+
+std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& weights,
+                                      at::IntArrayRef w, bool has_bias,
                                       const std::optional<at::Tensor>& residual,
                                       const at::Tensor& out, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, int64_t groups, bool relu) {
+                                      at::IntArrayRef padding, bool relu) {
   auto conv = std::make_shared<Conv>();
   const auto type = data_type(x);
   conv->src = strided(x, type);
   conv->dst = strided(out, type);
-  conv->weights = packed_weight_desc(x.sizes(), w, stride, padding, groups, type);
+  conv->weights = weights;
   if (has_bias) conv->bias = memory::desc({w[0]}, type, memory::format_tag::a);
   dnnl::post_ops ops;
   if (residual.has_value()) {
@@ -175,10 +199,11 @@ std::shared_ptr<const Conv> make_conv(const at::Tensor& x, at::IntArrayRef w, bo
 
 }  // namespace
 
-// weight [O, I/G, KH, KW] packed into the layout every conv of these shapes reads (see
-// packed_weight_desc), as a byte tensor.
-at::Tensor onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
-                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+// weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see
+// packed_weight_desc): (the bytes, the layout's id for onednn_conv).
+std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 int64_t groups) {
   TORCH_CHECK(weight.dim() == 4 && x_sizes.size() == 4 && !weight.is_cuda(),
               "fastcnn onednn_conv_pack: a 4-D CPU weight and input sizes expected");
   const auto type = data_type(weight);
@@ -190,16 +215,17 @@ at::Tensor onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
   auto& stream = thread_stream();
   dnnl::reorder(from, to).execute(stream, from, to);
   stream.wait();
-  return packed;
+  return {packed, layout_id(packed_desc)};
 }
 
 // out = relu?(conv2d(x, weight) + bias + residual) with weight packed by onednn_conv_pack for
-// x's sizes. Returns false, writing nothing, where oneDNN has no optimized kernel for these
-// strides (the caller then takes another path). residual may be out itself (a sum post-op).
-bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntArrayRef w,
-                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                 const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
-                 int64_t groups, bool relu) {
+// x's sizes (packed_weight and packed_layout: what it returned). Returns false, writing
+// nothing, where oneDNN has no optimized kernel for these strides (the caller then takes
+// another path). residual may be out itself (a sum post-op).
+bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
+                 at::IntArrayRef w, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                 at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu) {
   TORCH_CHECK(
       x.dim() == 4 && out.dim() == 4 && w.size() == 4 && stride.size() == 2 && padding.size() == 2,
       "fastcnn onednn_conv: 4-D x/out, 4 weight sizes, 2 strides and paddings expected");
@@ -210,8 +236,9 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntAr
   for (auto v : x.strides()) key.push_back(v);
   for (auto v : w) key.push_back(v);
   for (auto v : out.strides()) key.push_back(v);
-  key.insert(key.end(),
-             {stride[0], stride[1], padding[0], padding[1], groups, relu, bias.has_value()});
+  // the thread count too: oneDNN partitions the work for it when it makes the primitive
+  key.insert(key.end(), {stride[0], stride[1], padding[0], padding[1], groups, relu,
+                         bias.has_value(), packed_layout, at::get_num_threads()});
   if (residual.has_value()) {
     key.push_back(residual->data_ptr() == out.data_ptr() ? 1 : 2);
     for (auto v : residual->strides()) key.push_back(v);
@@ -223,14 +250,16 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, at::IntAr
     if (hit != cache.end()) conv = hit->second;
   }
   if (!conv) {
-    conv = make_conv(x, w, bias.has_value(), residual, out, stride, padding, groups, relu);
+    conv = make_conv(x, layout(packed_layout), w, bias.has_value(), residual, out, stride, padding,
+                     relu);
     std::lock_guard<std::mutex> lock(cache_mutex);
     if (cache.size() >= kMaxPrimitives) cache.clear();
     cache.emplace(key, conv);
   }
   if (!conv->prim) return false;
   TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
-              "fastcnn onednn_conv: the packed weight was packed for other shapes");
+              "fastcnn onednn_conv: the packed weight does not have the size of its layout "
+              "(packed for another conv)");
   auto& eng = engine();
   std::unordered_map<int, memory> args = {
       {DNNL_ARG_SRC, memory(conv->src, eng, x.data_ptr())},

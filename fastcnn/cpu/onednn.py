@@ -152,7 +152,7 @@ def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, gro
     ext = _direct()
     shape = tuple(x.shape)
     stride, padding = tuple(stride), tuple(padding)
-    packed = _cache.get(
+    packed, layout = _cache.get(
         weight,
         signature(weight),
         pack_key(x),
@@ -168,7 +168,7 @@ def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, gro
         wo = (w + 2 * padding[1] - kw) // stride[1] + 1
         out = _alloc.empty((n, c_out, ho, wo), x, torch.channels_last)
     done = ext.onednn_conv(
-        x, packed, weight.shape, bias, residual, out, stride, padding, groups, relu
+        x, packed, layout, weight.shape, bias, residual, out, stride, padding, groups, relu
     )
     if done:
         return out
@@ -197,7 +197,7 @@ def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strid
     out_shape, out_strides = tuple(out_shape), tuple(out_strides)
 
     def run(x, weight, bias, residual, out):
-        packed = _cache.get(
+        packed, layout = _cache.get(
             weight,
             signature(weight),
             key,
@@ -205,7 +205,7 @@ def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strid
         )
         if out is None:
             out = _alloc.empty_strided(out_shape, out_strides, x)
-        if conv(x, packed, w_shape, bias, residual, out, stride, padding, groups, relu):
+        if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):
             return out
         # no optimized kernel for these strides (the same every call: noted once there)
         in_place = out is residual

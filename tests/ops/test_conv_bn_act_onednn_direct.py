@@ -99,10 +99,34 @@ def test_primitives_are_made_once_per_layout():
 @needs_direct
 def test_a_weight_packed_for_another_conv_is_refused():
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
-    other = _ext.onednn_conv_pack(weight[:8].contiguous(), tuple(x.shape), (1, 1), (1, 1), 1)
+    other, _ = _ext.onednn_conv_pack(weight[:8].contiguous(), tuple(x.shape), (1, 1),
+                                          (1, 1), 1)  # fmt: skip
+    _, right = _ext.onednn_conv_pack(weight, tuple(x.shape), (1, 1), (1, 1), 1)
     out = torch.empty(2, 20, 9, 7).contiguous(memory_format=torch.channels_last)
-    with pytest.raises(RuntimeError, match="packed for other shapes"):
-        _ext.onednn_conv(x, other, weight.shape, bias, None, out, (1, 1), (1, 1), 1, True)
+    with pytest.raises(RuntimeError, match="packed for another conv"):
+        _ext.onednn_conv(x, other, right, weight.shape, bias, None, out, (1, 1), (1, 1), 1, True)
+    with pytest.raises(RuntimeError, match="unknown packed weight layout"):
+        _ext.onednn_conv(x, other, 10**6, weight.shape, bias, None, out, (1, 1), (1, 1), 1, True)
+
+
+@needs_direct
+def test_packs_and_primitives_made_under_other_thread_counts_agree():
+    """oneDNN picks the packed layout by the thread count too: ResNet-18's 256->512 1x1
+    stride-2 conv on a 2x2 input packs to 540,672 bytes under 1 thread, 524,288 under 2 (seen
+    here; a primitive made under the other count once met the wrong pack). The primitive
+    follows the pack's layout."""
+    saved = torch.get_num_threads()
+    try:
+        for pack_threads, run_threads in ((1, 2), (2, 1)):
+            x, weight, bias = random_conv_inputs(256, 512, 1, 2, 2, torch.float32, "cpu",
+                                                 batch=1, seed=pack_threads)  # fmt: skip
+            torch.set_num_threads(pack_threads)
+            onednn.conv_bn_act(x, weight, bias, (2, 2), (0, 0), None, True)  # packs
+            torch.set_num_threads(run_threads)
+            y = onednn.conv_bn_act(x, weight, bias, (2, 2), (0, 0), None, True)
+            assert_matches(y, conv_reference64(x, weight, bias, 2, 0), torch.float32)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_the_build_flags_follow_the_library(monkeypatch):
