@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import os
 import platform
@@ -100,6 +101,10 @@ def build_dir() -> Path:
     home, _ = _cuda_plan()
     flavour = f"cu{torch.version.cuda}" if home else "cpu"
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{flavour}"
+    onednn = find_onednn()
+    if onednn is not None:  # linked by absolute path: one build per library location
+        where = hashlib.sha1(str(onednn[1]).encode()).hexdigest()[:8]
+        tag += f"-onednn{onednn[2]}-{where}"
     return Path(root) / tag.replace("+", "_")
 
 
@@ -149,6 +154,32 @@ def _cpu_capability_flags() -> tuple[list[str], str]:
     return [], "DEFAULT"
 
 
+def _installed_file(distribution: str, suffix: str) -> Path | None:
+    """Where the installed distribution put its file ending in `suffix`, or None."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if str(file).endswith(suffix):
+            return Path(file.locate()).resolve()
+    return None
+
+
+def _onednn_dirs() -> tuple[Path, Path]:
+    """(include dir, lib dir) of the onednn-devel-cpu-gomp / onednn-cpu-gomp wheels: where their
+    records say they are (a --user or --target install lies outside sys.prefix), else under
+    sys.prefix."""
+    header = _installed_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl_version.h")
+    library = _installed_file("onednn-cpu-gomp", "libdnnl.so")
+    root = Path(sys.prefix)
+    include = header.parents[2] if header is not None else root / "include"
+    lib = library.parent if library is not None else root / "lib"
+    return include, lib
+
+
 def find_onednn() -> tuple[Path, Path, str] | None:
     """(include dir, lib dir, version) of the oneDNN 3.x library that the onednn-cpu-gomp and
     onednn-devel-cpu-gomp wheels install into this environment (built with GNU OpenMP, the
@@ -156,23 +187,26 @@ def find_onednn() -> tuple[Path, Path, str] | None:
     Debian's is 2.x, and torch's own exports no symbols."""
     if os.environ.get("FASTCNN_NO_ONEDNN", "0") not in ("", "0"):
         return None
-    root = Path(sys.prefix)
-    include, lib = root / "include", root / "lib"
+    include, lib = _onednn_dirs()
     header = include / "oneapi" / "dnnl" / "dnnl_version.h"
     if not header.is_file() or not (lib / "libdnnl.so").exists():
         return None
+    version = onednn_header_version(header.read_text())
+    if version is None or not version.startswith("3."):
+        return None
+    return include, lib, version
+
+
+def onednn_header_version(text: str) -> str | None:
+    """ "MAJOR.MINOR.PATCH" from dnnl_version.h's defines, or None where it has no major."""
     version = {}
-    for line in header.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("DNNL_VERSION_"):
             version[parts[1].removeprefix("DNNL_VERSION_")] = parts[2]
-    if version.get("MAJOR") != "3":
+    if "MAJOR" not in version:
         return None
-    return (
-        include,
-        lib,
-        f"{version['MAJOR']}.{version.get('MINOR', '0')}.{version.get('PATCH', '0')}",
-    )
+    return f"{version['MAJOR']}.{version.get('MINOR', '0')}.{version.get('PATCH', '0')}"
 
 
 def _onednn_flags() -> tuple[list[str], list[str]]:

@@ -8,6 +8,7 @@
 // FASTCNN_WITH_ONEDNN); fastcnn.cpu.onednn falls back to torch's ops otherwise, with a note.
 #ifdef FASTCNN_WITH_ONEDNN
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -197,6 +198,53 @@ std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& w
   return conv;
 }
 
+// The caller's tensors against the conv they claim (cheap next to the conv): a wrong size,
+// dtype, device or an output overlapping its input would make oneDNN read or write out of bounds.
+void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::IntArrayRef w,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                     at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups) {
+  TORCH_CHECK(
+      x.dim() == 4 && out.dim() == 4 && w.size() == 4 && stride.size() == 2 && padding.size() == 2,
+      "fastcnn onednn_conv: 4-D x/out, 4 weight sizes, 2 strides and paddings expected");
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && packed_weight.device().is_cpu(),
+              "fastcnn onednn_conv: CPU tensors expected");
+  TORCH_CHECK(groups >= 1 && stride[0] >= 1 && stride[1] >= 1 && x.size(1) == w[1] * groups &&
+                  w[0] % groups == 0,
+              "fastcnn onednn_conv: x has ", x.size(1), " channels, the weight ", w[1],
+              " per group in ", groups, " groups");
+  const int64_t ho = (x.size(2) + 2 * padding[0] - w[2]) / stride[0] + 1;
+  const int64_t wo = (x.size(3) + 2 * padding[1] - w[3]) / stride[1] + 1;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({x.size(0), w[0], ho, wo}),
+              "fastcnn onednn_conv: out ", out.sizes(), " is not the conv's output size [",
+              x.size(0), ", ", w[0], ", ", ho, ", ", wo, "]");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "fastcnn onednn_conv: out is ",
+              out.scalar_type(), ", x ", x.scalar_type());
+  TORCH_CHECK(packed_weight.scalar_type() == at::kByte && packed_weight.is_contiguous(),
+              "fastcnn onednn_conv: the packed weight must be onednn_conv_pack's byte tensor");
+  TORCH_CHECK(at::has_internal_overlap(out) == at::MemOverlap::No,
+              "fastcnn onednn_conv: out has elements that share memory");
+  at::assert_no_overlap(out, x);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w[0] && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(),
+                "fastcnn onednn_conv: the bias must be a contiguous CPU vector of ", w[0], " ",
+                x.scalar_type());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == out.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device().is_cpu(),
+                "fastcnn onednn_conv: the residual ", residual->sizes(), " ",
+                residual->scalar_type(), " must be a CPU tensor like out ", out.sizes());
+    if (residual->data_ptr() == out.data_ptr()) {  // in place: the same tensor, element for element
+      TORCH_CHECK(residual->strides() == out.strides(),
+                  "fastcnn onednn_conv: the residual written in place must be out itself");
+    } else {
+      at::assert_no_overlap(out, *residual);
+    }
+  }
+}
+
 }  // namespace
 
 // weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see
@@ -226,9 +274,7 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
                  at::IntArrayRef w, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
                  at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu) {
-  TORCH_CHECK(
-      x.dim() == 4 && out.dim() == 4 && w.size() == 4 && stride.size() == 2 && padding.size() == 2,
-      "fastcnn onednn_conv: 4-D x/out, 4 weight sizes, 2 strides and paddings expected");
+  check_conv_args(x, packed_weight, w, bias, residual, out, stride, padding, groups);
   Key key;
   key.reserve(40);
   key.push_back(static_cast<int64_t>(x.scalar_type()));

@@ -30,7 +30,8 @@ VARIANTS = ("merged", "separate")
 TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
 
 _lock = threading.Lock()
-# id(reduce_weight) -> (its signature, the three 1x1 weights and biases apart, {shape: variant})
+# id(reduce_weight) -> ((its, the bias's and the widths' signatures), the three 1x1 weights and
+# biases apart, {shape: variant})
 _blocks: dict[int, tuple[tuple, tuple, dict[tuple, str]]] = {}
 
 
@@ -45,16 +46,18 @@ def _split(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
 
 
 def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
-    key = id(rw)
+    # The split copies depend on the weight, the bias and the widths: any of them changing in
+    # place (or by .data) splits again.
+    key, sig = id(rw), (onednn.signature(rw), onednn.signature(rb), tuple(widths))
     hit = _blocks.get(key)
-    if hit is not None and hit[0] == onednn.signature(rw):
+    if hit is not None and hit[0] == sig:
         return hit
     with _lock:
         hit = _blocks.get(key)
         if hit is None:
             weakref.finalize(rw, _blocks.pop, key, None)
-        if hit is None or hit[0] != onednn.signature(rw):
-            hit = _blocks[key] = (onednn.signature(rw), _split(rw, rb, widths), {})
+        if hit is None or hit[0] != sig:
+            hit = _blocks[key] = (sig, _split(rw, rb, widths), {})
         return hit
 
 

@@ -89,8 +89,9 @@ def supports(dtype: torch.dtype) -> bool:
 def signature(weight: torch.Tensor) -> tuple:
     # Inference tensors (made under torch.inference_mode) have no version counter: for them an
     # in-place change of the same storage goes unnoticed; a new tensor is always noticed.
+    # The strides count too: `w.data = w.data.transpose(2, 3)` keeps the storage and version.
     version = None if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
+    return (weight.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.dtype)
 
 
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:

@@ -40,15 +40,22 @@ def _no_op(*args, **kwargs):
     raise AssertionError("a planned call went through fastcnn.ops.inception")
 
 
-@pytest.mark.parametrize("variant", inception.VARIANTS)
-def test_planned_calls_skip_the_op_and_match_the_reference(variant, monkeypatch):
+def _planned(variant, shape, seed, monkeypatch):
+    """(a fused block planned for x in the given structure, x, the planning call's output)."""
     fused = _fused()
-    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    x = random_tensor(shape, torch.float32, "cpu", channels_last=True, seed=seed)
     monkeypatch.setattr(inception, "_choose", lambda run: variant)
     with torch.no_grad():
         first = fused(x)  # plans, and chooses the structure
-        assert len(fused._plans) == 1 and next(iter(fused._plans._plans.values()))
-        monkeypatch.setattr(fastcnn.ops, "inception", _no_op)
+    assert len(fused._plans) == 1 and next(iter(fused._plans._plans.values()))
+    return fused, x, first
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_planned_calls_skip_the_op_and_match_the_reference(variant, monkeypatch):
+    fused, x, first = _planned(variant, (2, 19, 7, 9), 3, monkeypatch)
+    monkeypatch.setattr(fastcnn.ops, "inception", _no_op)
+    with torch.no_grad():
         second = fused(x)
     for out in (first, second):
         torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
@@ -56,15 +63,12 @@ def test_planned_calls_skip_the_op_and_match_the_reference(variant, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", inception.VARIANTS)
-def test_weights_changed_in_place_are_used_by_the_plan(variant, monkeypatch):
-    fused = _fused()
-    x = random_tensor((1, 19, 5, 6), torch.float32, "cpu", channels_last=True, seed=4)
-    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+@pytest.mark.parametrize("changed", ["reduce_weight", "reduce_bias", "w2", "b4"])
+def test_weights_changed_in_place_are_used_by_the_plan(variant, changed, monkeypatch):
+    fused, x, _ = _planned(variant, (1, 19, 5, 6), 4, monkeypatch)
     with torch.no_grad():
         fused(x)
-        fused(x)
-        for name in ("reduce_weight", "w2", "b4"):
-            getattr(fused, name).mul_(-0.5)  # e.g. load_state_dict copies new values in
+        getattr(fused, changed).mul_(-0.5)  # e.g. load_state_dict copies new values in
         out = fused(x)
     torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
 

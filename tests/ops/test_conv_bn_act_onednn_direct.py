@@ -87,13 +87,68 @@ def test_without_the_library_torch_ops_run_and_it_is_noted(monkeypatch):
 
 
 @needs_direct
-def test_primitives_are_made_once_per_layout():
+def test_primitives_are_made_once_per_layout(monkeypatch):
     x, weight, bias = random_conv_inputs(12, 20, 3, 11, 5, torch.float32, "cpu", batch=5)
+    monkeypatch.setattr(onednn, "_mkldnn", _NoTorchOps())  # the direct path runs every call
+    before = _ext.onednn_conv_cached()
     onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
     made = _ext.onednn_conv_cached()
+    assert made == before + 1
     for _ in range(3):
         onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
     assert _ext.onednn_conv_cached() == made
+
+
+@needs_direct
+def test_a_weight_whose_strides_change_is_packed_again():
+    """w.data = w.data.transpose(2, 3) keeps the storage, shape and version: only the strides
+    tell the pack is stale."""
+    x, weight, bias = random_conv_inputs(6, 10, 3, 7, 9, torch.float32, "cpu")
+    onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, False)
+    weight.data = weight.data.transpose(2, 3)
+    y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, False)
+    assert_matches(y, conv_reference64(x, weight, bias, 1, 1, relu=False), torch.float32)
+
+
+def _conv_args(**change):
+    """onednn_conv's arguments for a valid 3x3 conv (6 -> 10 channels, 7x9, padding 1), with
+    `change` replacing some of them."""
+    x, weight, bias = random_conv_inputs(6, 10, 3, 7, 9, torch.float32, "cpu")
+    packed, layout = _ext.onednn_conv_pack(weight, tuple(x.shape), (1, 1), (1, 1), 1)
+    cl = torch.channels_last
+    args = dict(x=x, packed=packed, layout=layout, w=tuple(weight.shape), bias=bias,
+                residual=None, out=torch.empty(2, 10, 7, 9).contiguous(memory_format=cl),
+                stride=(1, 1), padding=(1, 1), groups=1, relu=True)  # fmt: skip
+    args.update(change)
+    return list(args.values())
+
+
+_CL = torch.channels_last
+_BAD_CALLS = {
+    "out size": (dict(out=torch.empty(2, 10, 7, 8).contiguous(memory_format=_CL)), "output size"),
+    "out dtype": (dict(out=torch.empty(2, 10, 7, 9, dtype=torch.float64)), "out is"),
+    "channels": (dict(w=(10, 5, 3, 3)), "channels"),
+    "bias length": (dict(bias=torch.randn(9)), "bias"),
+    "residual size": (dict(residual=torch.randn(2, 10, 7, 8)), "residual"),
+    "overlapping out": (dict(out=torch.empty(1, 1, 1, 1).expand(2, 10, 7, 9)), "share memory"),
+}
+
+
+@needs_direct
+@pytest.mark.parametrize("bad", list(_BAD_CALLS))
+def test_the_extension_refuses_arguments_that_do_not_fit_the_conv(bad):
+    change, message = _BAD_CALLS[bad]
+    with pytest.raises(RuntimeError, match=message):
+        _ext.onednn_conv(*_conv_args(**change))
+
+
+@needs_direct
+def test_a_residual_in_place_must_be_the_output_itself():
+    out = torch.randn(2, 10, 7, 9).contiguous(memory_format=torch.channels_last)
+    alias = out.as_strided(out.shape, (630, 63, 9, 1))  # same start, NCHW strides
+    with pytest.raises(RuntimeError, match="must be out itself"):
+        _ext.onednn_conv(*_conv_args(out=out, residual=alias))
+    _ext.onednn_conv(*_conv_args(out=out, residual=out))  # the real in-place call is taken
 
 
 @needs_direct
@@ -133,3 +188,32 @@ def test_the_build_flags_follow_the_library(monkeypatch):
     monkeypatch.setenv("FASTCNN_NO_ONEDNN", "1")
     assert _extension.find_onednn() is None
     assert _extension._onednn_flags() == ([], [])
+
+
+def test_the_library_is_found_wherever_its_wheels_are_installed(monkeypatch):
+    """A finder that misses an installed library would quietly turn the direct path's tests
+    into skips."""
+    from importlib import metadata
+
+    monkeypatch.delenv("FASTCNN_NO_ONEDNN", raising=False)
+    try:
+        metadata.distribution("onednn-devel-cpu-gomp")
+        metadata.distribution("onednn-cpu-gomp")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the onednn-cpu-gomp wheels are not installed here (e.g. the GPU machine)")
+    found = _extension.find_onednn()
+    assert found is not None and found[2].startswith("3.")
+    assert _ext is not None and hasattr(_ext, "onednn_conv"), "found but not built in"
+
+
+@pytest.mark.parametrize(
+    ("header", "version"),
+    [
+        ("#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 2\n#define DNNL_VERSION_PATCH 0",
+         "3.2.0"),
+        ("#define DNNL_VERSION_MAJOR 2\n#define DNNL_VERSION_MINOR 7", "2.7.0"),
+        ("// no defines", None),
+    ],
+)  # fmt: skip
+def test_the_library_version_is_read_from_its_header(header, version):
+    assert _extension.onednn_header_version(header) == version
