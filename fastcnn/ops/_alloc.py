@@ -32,6 +32,12 @@ def empty_strided(shape, strides, like: torch.Tensor) -> torch.Tensor:
     return t if _poison is None else _fill(t)
 
 
+def strides_of(shape, memory_format=torch.contiguous_format) -> tuple[int, ...]:
+    """The strides torch gives a new dense [shape] tensor in memory_format (for empty_strided:
+    computed once when planning, without allocating)."""
+    return torch.empty(shape, device="meta", memory_format=memory_format).stride()
+
+
 def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x's shape and strides (x dense), in x's dtype unless `dtype` is given."""
     t = torch.empty_like(x, dtype=dtype)

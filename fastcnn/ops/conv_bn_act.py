@@ -208,7 +208,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
         return None
     stride, padding, dilation = args[3], args[4], args[6]
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
+    strides = _alloc.strides_of(shape, memory_format_of(x))
     if impl is _cpu_impl:
         # fp32 through the extension's oneDNN calls: the pack lookup, the allocation, the call
         from fastcnn.cpu import onednn

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
-from fastcnn.ops import _checks, _extension_paths
+from fastcnn.ops import _alloc, _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 from fastcnn.ops.conv_bn_act import as_result, memory_format_of, new_output
@@ -178,7 +178,7 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool):
     if not onednn.supports(x.dtype):
         return None
     shape = _out_shape(x, widths, w2, w3, w4)
-    strides = torch.empty(shape, device="meta", memory_format=memory_format_of(x)).stride()
+    strides = _alloc.strides_of(shape, memory_format_of(x))
     return cpu_inception.bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), shape,
                                strides)  # fmt: skip
 
