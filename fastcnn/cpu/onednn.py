@@ -147,50 +147,11 @@ def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None,
     return residual.contiguous(memory_format=torch.channels_last), False
 
 
-def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups):
-    """The direct path's result, or None where oneDNN has no optimized kernel for these
-    strides (noted once; the torch path then runs it)."""
-    ext = _direct()
-    shape = tuple(x.shape)
-    stride, padding = tuple(stride), tuple(padding)
-    packed, layout = _cache.get(
-        weight,
-        signature(weight),
-        pack_key(x),
-        lambda: ext.onednn_conv_pack(weight, shape, stride, padding, groups),
-    )
-    residual, in_place = _channels_last_residual(x, residual, in_place)
-    if in_place:
-        out = residual
-    else:
-        n, h, w = shape[0], shape[2], shape[3]
-        c_out, _, kh, kw = weight.shape
-        ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-        wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-        out = _alloc.empty((n, c_out, ho, wo), x, torch.channels_last)
-    done = ext.onednn_conv(
-        x, packed, layout, weight.shape, bias, residual, out, stride, padding, groups, relu
-    )
-    if done:
-        return out
-    _backend.note_once(
-        ("conv_bn_act", f"onednn-strides-{x.stride()}-{out.stride()}"),
-        f"fastcnn: oneDNN has no optimized kernel for x strides {x.stride()} and output "
-        f"strides {out.stride()}: torch's mkldnn op runs this conv (a dense copy first)",
-    )
-    return None
-
-
-def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strides, groups=1):
-    """A run(x, weight, bias, residual, out) through the direct path for later calls whose
-    tensors have these tensors' metadata, out None (a new tensor of out_shape/out_strides) or
-    the residual (in place), as fastcnn.ops.conv_bn_act.plan promises: per call only the
-    weight's pack lookup, the output allocation and the C++ call. None where the direct path
-    does not take such calls (then the op's own path runs them)."""
-    if not direct(x) or x.dtype != weight.dtype or residual_copy_reason(x, residual):
-        return None
-    if bias is not None and not bias.is_contiguous():
-        return None
+def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides):
+    """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
+    for these strides: the direct conv for tensors with these tensors' metadata, out None (a
+    new tensor of out_shape/out_strides) or the residual (in place). Per call only the weight's
+    pack lookup, the output allocation and the C++ call."""
     ext = _direct()
     conv, pack_weight = ext.onednn_conv, ext.onednn_conv_pack
     shape, key, w_shape = tuple(x.shape), pack_key(x), tuple(weight.shape)
@@ -208,6 +169,47 @@ def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strid
             out = _alloc.empty_strided(out_shape, out_strides, x)
         if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):
             return out
+        return None
+
+    return run
+
+
+def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups):
+    """The direct path's result, or None where oneDNN has no optimized kernel for these
+    strides (noted once; the torch path then runs it)."""
+    residual, in_place = _channels_last_residual(x, residual, in_place)
+    n, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    out_shape, out_strides = (n, c_out, ho, wo), (ho * wo * c_out, 1, wo * c_out, c_out)
+    run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
+    y = run(x, weight, bias, residual, residual if in_place else None)
+    if y is None:
+        out_strides = residual.stride() if in_place else out_strides
+        _backend.note_once(
+            ("conv_bn_act", f"onednn-strides-{x.stride()}-{out_strides}"),
+            f"fastcnn: oneDNN has no optimized kernel for x strides {x.stride()} and output "
+            f"strides {out_strides}: torch's mkldnn op runs this conv (a dense copy first)",
+        )
+    return y
+
+
+def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strides, groups=1):
+    """A run(x, weight, bias, residual, out) through the direct path for later calls whose
+    tensors have these tensors' metadata, out None (a new tensor of out_shape/out_strides) or
+    the residual (in place), as fastcnn.ops.conv_bn_act.plan promises (see _runner). None where
+    the direct path does not take such calls (then the op's own path runs them)."""
+    if not direct(x) or x.dtype != weight.dtype or residual_copy_reason(x, residual):
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    direct_run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
+
+    def run(x, weight, bias, residual, out):
+        y = direct_run(x, weight, bias, residual, out)
+        if y is not None:
+            return y
         # no optimized kernel for these strides (the same every call: noted once there)
         in_place = out is residual
         return conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
