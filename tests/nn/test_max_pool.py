@@ -17,6 +17,8 @@ CASES = [  # (kernel, stride, padding, ceil_mode): GoogLeNet's and ResNet's pool
     (2, 2, 0, True),
     (3, 2, 1, False),
     (5, 3, 2, True),
+    (5, 1, 2, False),  # stride 1: the two-pass (separable) kernel, a wider window
+    (2, 1, 0, True),
 ]
 
 
@@ -42,13 +44,14 @@ def test_output_size_matches_torch():
             assert pool.output_size(size, kernel, stride, padding, ceil) == expected
 
 
-def test_nan_wins_as_in_torch():
+@pytest.mark.parametrize("stride", [2, 1])  # the direct and the two-pass kernel
+def test_nan_wins_as_in_torch(stride):
     x = torch.randn(1, 19, 6, 6)
     x[0, 3, 2, 2] = float("nan")
     x[0, 18, 0, 0] = float("nan")  # in the scalar tail
     x = x.contiguous(memory_format=torch.channels_last)
-    got = pool.max_pool2d(x, 3, 2, 0, True)
-    expected = F.max_pool2d(x, 3, 2, 0, ceil_mode=True)
+    got = pool.max_pool2d(x, 3, stride, 0, True)
+    expected = F.max_pool2d(x, 3, stride, 0, ceil_mode=True)
     torch.testing.assert_close(got, expected, equal_nan=True)
     assert torch.isnan(got[0, 3, 0, 0]) and torch.isnan(got[0, 18, 0, 0])
 
