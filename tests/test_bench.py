@@ -202,3 +202,24 @@ def test_peers_refuse_what_they_do_not_compare():
     fn = peers.build("onnxruntime", make_model("resnet18", torch.float32, "cpu"))
     with pytest.raises(RuntimeError, match="float32 CPU inputs only"):
         fn(torch.randn(1, 3, 32, 32, dtype=torch.float16))
+
+
+def test_cpu_breakdown_sums_the_convolutions_of_the_timed_forwards():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "cpu_breakdown.py"
+    spec = importlib.util.spec_from_file_location("cpu_breakdown", path)
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    conv = "onednn_verbose,exec,cpu,convolution,brgconv:avx512_core,forward_inference,x,y,{}"
+    pool = "onednn_verbose,exec,cpu,pooling,jit:avx512_core,forward_inference,x,y,5.0"
+    log = "\n".join([
+        conv.format(100.0),  # a warm-up forward: before the start mark
+        breakdown.START,
+        conv.format(1.5), pool, conv.format(0.5),
+        conv.format(1.0), conv.format(1.0),
+        breakdown.END,
+        conv.format(100.0),
+    ])  # fmt: skip
+    assert breakdown._verbose_conv_ms(log, calls=2) == (2.0, 2.0)

@@ -53,24 +53,31 @@ def _per_shape(compile_for: Callable[[torch.Tensor], Callable]) -> Callable:
     return run
 
 
-def openvino(model: torch.nn.Module, threads: int) -> Callable:
+def openvino_request(model: torch.nn.Module, x: torch.Tensor, threads: int, **config):
+    """An OpenVINO infer request for model at x's shape, compiled as the openvino provider
+    compiles it (config: more compile_model properties, e.g. PERF_COUNT=True)."""
     ov = _require("openvino")
-    core = ov.Core()
+    _check_input("openvino", x)
     config = {
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
+        **config,
     }
+    with torch.no_grad():
+        converted = ov.convert_model(model, example_input=x, input=[tuple(x.shape)])
+    compiled = ov.Core().compile_model(converted, "CPU", config)
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if precision != ov.Type.f32:
+        raise RuntimeError(f"openvino: compiled for {precision}, not f32")
+    return compiled.create_infer_request()
+
+
+def openvino(model: torch.nn.Module, threads: int) -> Callable:
+    _require("openvino")
 
     def compile_for(x: torch.Tensor) -> Callable:
-        _check_input("openvino", x)
-        with torch.no_grad():
-            converted = ov.convert_model(model, example_input=x, input=[tuple(x.shape)])
-        compiled = core.compile_model(converted, "CPU", config)
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-        if precision != ov.Type.f32:
-            raise RuntimeError(f"openvino: compiled for {precision}, not f32")
-        request = compiled.create_infer_request()
+        request = openvino_request(model, x, threads)
 
         def infer(x: torch.Tensor) -> torch.Tensor:
             result = request.infer({0: x.numpy()}, share_inputs=True)

@@ -114,6 +114,15 @@ COLUMNS = {
         ("vs eager", "{speedup:.2f}x"),
         ("vs cuBLAS", "{fastcnn_vs_cublas:.2f}"),
     ],
+    "cpu_breakdown": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("runtime", "{runtime}"),
+        ("forward ms", "{total_ms:.2f}"),
+        ("conv kernels ms", "{conv_ms:.2f}"),
+        ("rest ms", "{rest_ms:.2f}"),
+        ("conv calls", "{conv_calls:.0f}"),
+    ],
     "host_overhead": [
         ("backend", "{backend}"),
         ("dtype", "{dtype}"),

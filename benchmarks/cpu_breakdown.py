@@ -1,0 +1,157 @@
+"""Where a CPU forward's time goes, fastcnn against OpenVINO: the convolution kernels, and
+everything else (pools, concats, the classifier, allocation, Python, the calls between layers).
+
+Per (model, batch), each in processes of its own (as fastcnn-bench times them), alternating:
+- fastcnn, timed: fastcnn.optimize(model) on channels_last input, as fastcnn-bench's "fastcnn"
+  provider builds it, under inference_mode; the median forward.
+- fastcnn, profiled: the same, run with ONEDNN_VERBOSE=profile_exec: the sum of oneDNN's own
+  execution times of the convolution primitives a forward ran (its extension's library; torch's
+  oneDNN reads the variable too), median over forwards. The verbose log slows the forward, so
+  its total is not used.
+- OpenVINO, profiled: compiled as the openvino provider compiles it, with PERF_COUNT=True: the
+  median forward and the sum of its Convolution layers' real times (PERF_COUNT adds a little to
+  the total; the provider's own timing is in fastcnn-bench's results).
+"rest" is the forward minus its convolution kernels.
+
+    python benchmarks/cpu_breakdown.py --out benchmarks/results/DIR/cpu_breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastcnn.bench.results import ResultFile
+
+KINDS = ("fastcnn", "fastcnn-verbose", "openvino")
+MARK = "cpu-breakdown-result: "
+START, END = "cpu-breakdown-forwards-start", "cpu-breakdown-forwards-end"
+
+
+def _worker(model_name: str, batch: int, kind: str, calls: int, threads: int) -> dict:
+    from fastcnn.bench.measure import model_input
+    from fastcnn.bench.peers import openvino_request
+    from fastcnn.bench.providers import build, make_model
+
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        model = make_model(model_name, torch.float32, "cpu")
+        if kind == "openvino":
+            x = model_input(batch, "openvino", 224, torch.float32, "cpu")
+            request = openvino_request(model, x, threads, PERF_COUNT=True)
+            totals, convs = [], []
+            for i in range(calls + 5):
+                start = time.perf_counter()
+                request.infer({0: x.numpy()}, share_inputs=True)
+                if i >= 5:
+                    totals.append((time.perf_counter() - start) * 1e3)
+                    layers = request.get_profiling_info()
+                    conv = [p for p in layers if p.node_type == "Convolution"]
+                    convs.append(sum(p.real_time.total_seconds() * 1e3 for p in conv))
+            return {"total_ms": statistics.median(totals), "conv_ms": statistics.median(convs)}
+        x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
+        fn = build("fastcnn", model, x)
+        for _ in range(5):
+            fn(x)
+        totals = []
+        print(START, flush=True)  # the verbose log's forwards start here
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn(x)
+            totals.append((time.perf_counter() - start) * 1e3)
+        print(END, flush=True)
+        return {"total_ms": statistics.median(totals)}
+
+
+def _verbose_conv_ms(stdout: str, calls: int) -> tuple[float, float]:
+    """(oneDNN convolution time a forward, convolution primitives a forward) from the
+    profile_exec lines between the markers."""
+    lines = stdout.split(START, 1)[1].split(END, 1)[0].splitlines()
+    times = [
+        float(line.rsplit(",", 1)[1])
+        for line in lines
+        if line.startswith("onednn_verbose,") and ",exec,cpu,convolution," in line
+    ]
+    return sum(times) / calls, len(times) / calls
+
+
+def _spawn(model: str, batch: int, kind: str, calls: int, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if kind == "fastcnn-verbose":
+        env["ONEDNN_VERBOSE"] = "profile_exec"
+    job = json.dumps([model, batch, kind, calls, threads])
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", job],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        check=False,
+    )
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(MARK):
+            result = json.loads(line[len(MARK) :])
+            if kind == "fastcnn-verbose":
+                result["conv_ms"], result["conv_calls"] = _verbose_conv_ms(done.stdout, calls)
+            return result
+    raise RuntimeError(f"{model} b{batch} {kind}: worker failed: {done.stderr[-600:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,googlenet")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--calls", type=int, default=20, help="timed forwards a process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per kind")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("cpu_breakdown.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(MARK + json.dumps(_worker(*json.loads(args.worker))), flush=True)
+        return
+    results = ResultFile(
+        args.out,
+        "cpu_breakdown",
+        "Convolution kernels and the rest of a forward, fastcnn and OpenVINO",
+        f"float32, 224x224, {args.threads} threads; medians of {args.calls} forwards in each "
+        f"of {args.rounds} processes per runtime (median of the processes); fastcnn's "
+        "convolution time from oneDNN's profile_exec log in separate processes, OpenVINO's "
+        "from PERF_COUNT (its total includes the counters)",
+    )
+    for model in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+            for r in range(args.rounds):
+                for kind in KINDS[r % 3 :] + KINDS[: r % 3]:
+                    runs[kind].append(_spawn(model, batch, kind, args.calls, args.threads))
+
+            def med(kind, key, runs=runs):
+                return statistics.median(run[key] for run in runs[kind])
+
+            ours_total, ours_conv = med("fastcnn", "total_ms"), med("fastcnn-verbose", "conv_ms")
+            ov_total, ov_conv = med("openvino", "total_ms"), med("openvino", "conv_ms")
+            for runtime, total, conv in (
+                ("fastcnn", ours_total, ours_conv),
+                ("openvino", ov_total, ov_conv),
+            ):
+                row = {"model": model, "batch": batch, "runtime": runtime, "total_ms": total,
+                       "conv_ms": conv, "rest_ms": total - conv}  # fmt: skip
+                if runtime == "fastcnn":
+                    row["conv_calls"] = med("fastcnn-verbose", "conv_calls")
+                results.add(row)
+            print(f"{model} b{batch}: fastcnn {ours_total:.2f} ms (convs {ours_conv:.2f}), "
+                  f"openvino {ov_total:.2f} ms (convs {ov_conv:.2f})", flush=True)  # fmt: skip
+    print(results.finish())
+
+
+if __name__ == "__main__":
+    main()
