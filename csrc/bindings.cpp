@@ -22,6 +22,12 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
                  at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu);
 size_t onednn_conv_cached();
+// cpu/onednn_inception.cpp
+bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                      const std::vector<int64_t>& layouts,
+                      const std::vector<std::vector<int64_t>>& w_sizes,
+                      const std::vector<at::Tensor>& biases, at::IntArrayRef widths, int64_t pool,
+                      at::Tensor out);
 #endif
 }  // namespace fastcnn
 
@@ -85,6 +91,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);
+  m.def("onednn_inception", &fastcnn::onednn_inception,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 #endif
   m.def("take_conv_paths", [] {
 #ifdef FASTCNN_WITH_CUDA

@@ -106,6 +106,9 @@ void max_pool_cl(const T* x, T* out, int64_t n, int64_t c, int64_t h, int64_t w,
   });
 }
 
+}  // namespace
+
+// Also called by the Inception block on the cpu backend (cpu/onednn_inception.cpp).
 void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::Tensor out) {
   TORCH_CHECK(x.dim() == 4 && out.dim() == 4, "fastcnn_ext::max_pool2d_out: 4-D tensors only");
@@ -132,8 +135,6 @@ void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArra
                               stride[0], stride[1], padding[0], padding[1], out_ld);
       });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastcnn_ext, CPU, m) { m.impl("max_pool2d_out", &max_pool2d_out_cpu); }
 

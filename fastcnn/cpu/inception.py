@@ -116,52 +116,52 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
 
 def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
     """A run(x, rw, rb, w2, b2, w3, b3, w4, b4) for later calls whose tensors have these
-    tensors' metadata, through bound direct oneDNN convs (fastcnn.cpu.onednn.bound): the
-    variant chosen for the shape as `branches` chooses it, then the pool, the convs and the
-    concat, with no per-call checks. None where the direct path does not take x (then the
-    op's own path runs every call)."""
+    tensors' metadata: the variant chosen for the shape (as `branches` chooses it, on the first
+    call), then the whole block as ONE C++ call (csrc/cpu/onednn_inception.cpp: the direct
+    oneDNN convs, the pool and the concat) with the weights' packed copies, looked up per call
+    (a weight changed in place is packed again). None where the direct path does not take x
+    (then the op's own path runs every call). Where oneDNN has no optimized kernel for a conv,
+    the C++ call writes nothing and the per-conv path runs it (noted there)."""
     cl = torch.channels_last
     if not onednn.direct(x) or not x.is_contiguous(memory_format=cl):
         return None
-    n, _, h, w = x.shape
+    n, c_in, h, w = x.shape
     c1, c2r, c3r = widths
 
-    def conv(c_in: int, weight: torch.Tensor, k: int = 1):
-        example = torch.empty((n, c_in, h, w), dtype=x.dtype, memory_format=cl)
-        shape = (n, weight.shape[0], h, w)
-        strides = _alloc.strides_of(shape, cl)
-        return onednn.bound(example, weight, None, (1, 1), (k // 2, k // 2), None, True,
-                            shape, strides)  # fmt: skip
+    def packer(c: int, weight_shape):
+        k = weight_shape[-1]
+        example = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=cl)
+        return onednn.packer(example, (1, 1), (k // 2, k // 2))
 
-    c_in = x.shape[1]
-    reduce, branch1 = conv(c_in, rw), conv(c_in, rw[:c1])
-    reduce2, reduce3 = conv(c_in, rw[c1 : c1 + c2r]), conv(c_in, rw[c1 + c2r :])
-    conv2, conv3 = conv(c2r, w2, w2.shape[-1]), conv(c3r, w3, w3.shape[-1])
-    conv4 = conv(c_in, w4)
-    if None in (reduce, branch1, reduce2, reduce3, conv2, conv3, conv4):
-        return None
+    reduces = [(c1, c_in, 1, 1), (c2r, c_in, 1, 1), (c3r, c_in, 1, 1)]
+    w_sizes = {  # each structure's convs in the C++ call's order
+        "merged": [tuple(rw.shape), tuple(w2.shape), tuple(w3.shape), tuple(w4.shape)],
+        "separate": [reduces[0], reduces[1], tuple(w2.shape), reduces[2], tuple(w3.shape),
+                     tuple(w4.shape)],
+    }  # fmt: skip
+    c_ins = {"merged": [c_in, c2r, c3r, c_in], "separate": [c_in, c_in, c2r, c_in, c3r, c_in]}
+    packers = {v: [packer(c, s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
+               for v in VARIANTS}  # fmt: skip
+    block = onednn._direct().onednn_inception
     shape, out_shape, out_strides = tuple(x.shape), tuple(out_shape), tuple(out_strides)
 
     def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
         _, parts, chosen = _block(rw, rb, widths)
         variant = chosen.get(shape)
-        if variant is None:  # first call at this shape: time the two structures
-            ys, variant = branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
-        elif variant == "merged":
-            reduced = reduce(x, rw, rb, None, None)
-            r2, r3 = (r.contiguous(memory_format=cl) for r in (reduced[:, c1 : c1 + c2r],
-                                                               reduced[:, c1 + c2r :]))  # fmt: skip
-            ys = [reduced[:, :c1], conv2(r2, w2, b2, None, None), conv3(r3, w3, b3, None, None)]
-        else:
-            (w1, b1), (w2r, b2r), (w3r, b3r) = parts
-            ys = [
-                branch1(x, w1, b1, None, None),
-                conv2(reduce2(x, w2r, b2r, None, None), w2, b2, None, None),
-                conv3(reduce3(x, w3r, b3r, None, None), w3, b3, None, None),
-            ]
-        if len(ys) == 3:
-            ys.append(conv4(max_pool2d_or_torch(x, pool, 1, pool // 2, True), w4, b4, None, None))
         out = _alloc.empty_strided(out_shape, out_strides, x)
+        if variant is not None:
+            if variant == "merged":
+                convs = ((rw, rb), (w2, b2), (w3, b3), (w4, b4))
+            else:
+                (w1, b1), (w2r, b2r), (w3r, b3r) = parts
+                convs = ((w1, b1), (w2r, b2r), (w2, b2), (w3r, b3r), (w3, b3), (w4, b4))
+            packs = [pack(wt) for pack, (wt, _) in zip(packers[variant], convs, strict=True)]
+            if block(x, [p for p, _ in packs], [layout for _, layout in packs],
+                     w_sizes[variant], [b for _, b in convs], widths, pool, out):  # fmt: skip
+                return out
+        # the first call at this shape (it times the two structures), or a conv without an
+        # optimized kernel: the per-conv path
+        ys, _ = branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
         return torch.cat(ys, 1, out=out)
 
     return run

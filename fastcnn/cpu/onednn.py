@@ -147,24 +147,35 @@ def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None,
     return residual.contiguous(memory_format=torch.channels_last), False
 
 
-def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides):
-    """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
-    for these strides: the direct conv for tensors with these tensors' metadata, out None (a
-    new tensor of out_shape/out_strides) or the residual (in place). Per call only the weight's
-    pack lookup, the output allocation and the C++ call."""
-    ext = _direct()
-    conv, pack_weight = ext.onednn_conv, ext.onednn_conv_pack
-    shape, key, w_shape = tuple(x.shape), pack_key(x), tuple(weight.shape)
+def packer(x, stride, padding, groups=1):
+    """pack(weight) -> (packed bytes, layout id): the direct path's packed copy of a weight
+    for convs of inputs with x's metadata, made once per weight version (PackCache)."""
+    pack_weight = _direct().onednn_conv_pack
+    shape, key = tuple(x.shape), pack_key(x)
     stride, padding = tuple(stride), tuple(padding)
-    out_shape, out_strides = tuple(out_shape), tuple(out_strides)
 
-    def run(x, weight, bias, residual, out):
-        packed, layout = _cache.get(
+    def pack(weight):
+        return _cache.get(
             weight,
             signature(weight),
             key,
             lambda: pack_weight(weight, shape, stride, padding, groups),
         )
+
+    return pack
+
+
+def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides):
+    """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
+    for these strides: the direct conv for tensors with these tensors' metadata, out None (a
+    new tensor of out_shape/out_strides) or the residual (in place). Per call only the weight's
+    pack lookup, the output allocation and the C++ call."""
+    conv, pack = _direct().onednn_conv, packer(x, stride, padding, groups)
+    w_shape, stride, padding = tuple(weight.shape), tuple(stride), tuple(padding)
+    out_shape, out_strides = tuple(out_shape), tuple(out_strides)
+
+    def run(x, weight, bias, residual, out):
+        packed, layout = pack(weight)
         if out is None:
             out = _alloc.empty_strided(out_shape, out_strides, x)
         if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):

@@ -63,6 +63,47 @@ def test_planned_calls_skip_the_op_and_match_the_reference(variant, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_a_planned_block_is_one_call_into_the_extension(variant, monkeypatch):
+    fused, x, _ = _planned(variant, (3, 19, 6, 5), 6, monkeypatch)
+    monkeypatch.setattr(inception, "branches", _no_op)  # the per-conv path: not taken
+    calls = []
+    real = _ext.onednn_inception
+
+    class _Counting:
+        def __getattr__(self, name):
+            return getattr(_ext, name)
+
+        def onednn_inception(self, *args):
+            calls.append(len(args[1]))  # the structure's conv count
+            return real(*args)
+
+    monkeypatch.setattr(inception.onednn, "_direct_module", [_Counting()])
+    fused._plans._plans.clear()  # plan again, binding the counting extension
+    with torch.no_grad():
+        out = fused(x)
+    assert calls == [4 if variant == "merged" else 6]
+    torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_the_extension_does_not_take_runs_conv_by_conv(monkeypatch):
+    """Where oneDNN has no optimized kernel for one of the block's convs the C++ call writes
+    nothing and returns False: the per-conv path (which notes each fallback) computes it."""
+
+    class _Refusing:
+        def __getattr__(self, name):
+            return getattr(_ext, name)
+
+        def onednn_inception(self, *args):
+            return False
+
+    monkeypatch.setattr(inception.onednn, "_direct_module", [_Refusing()])
+    fused, x, _ = _planned("separate", (2, 19, 5, 7), 7, monkeypatch)
+    with torch.no_grad():
+        out = fused(x)  # poisoned (NaN) before the refused call: all of it written after
+    torch.testing.assert_close(out.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
 @pytest.mark.parametrize("changed", ["reduce_weight", "reduce_bias", "w2", "b4"])
 def test_weights_changed_in_place_are_used_by_the_plan(variant, changed, monkeypatch):
     fused, x, _ = _planned(variant, (1, 19, 5, 6), 4, monkeypatch)
@@ -84,3 +125,17 @@ def test_inputs_the_direct_path_does_not_take_keep_the_op():
     assert t.kernels("inception"), str(t)
     for y in (out, again):
         torch.testing.assert_close(y.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_block_call_refuses_a_structure_it_does_not_know():
+    x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
+    out = torch.empty(1, 8, 5, 5)
+    packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
+                                           (0, 0), 1)  # fmt: skip
+    bias = torch.randn(8)
+    with pytest.raises(RuntimeError, match="4 \\(merged\\) or 6 \\(separate\\) convs"):
+        _ext.onednn_inception(x, [packed] * 5, [layout] * 5, [(8, 8, 1, 1)] * 5, [bias] * 5,
+                              (2, 3, 3), 3, out)  # fmt: skip
+    with pytest.raises(RuntimeError, match="square odd kernels"):
+        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 2, 2)] * 4, [bias] * 4,
+                              (2, 3, 3), 3, out)  # fmt: skip

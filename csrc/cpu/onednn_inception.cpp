@@ -1,0 +1,95 @@
+// The Inception block on the cpu backend as ONE call from Python: its six (or, merged, four)
+// direct oneDNN convolutions, the pool branch's max-pool and the concat into the output, with
+// the intermediates allocated here. A block planned in Python paid per conv a Python runner,
+// a pack lookup, an output allocation and a pybind call, and the pool and concat their own
+// dispatches: ~0.1 ms of host time a block at batch 1, about a tenth of a batch-1 block's
+// convolution time. fastcnn.cpu.inception looks the packed weights up (per weight version) and
+// calls this with them; the structures are those of fastcnn/cpu/inception.py:
+//   merged:   [merged 1x1 reduce, kxk of branch 2, kxk of branch 3, 1x1 after the pool]
+//   separate: [branch 1's 1x1, reduce 2, kxk 2, reduce 3, kxk 3, 1x1 after the pool]
+// Every conv is stride 1 with "same" padding (k / 2) and ReLU, as in fastcnn.ops.inception.
+#ifdef FASTCNN_WITH_ONEDNN
+
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace fastcnn {
+
+bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
+                 at::IntArrayRef w, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                 at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
+                 bool relu);  // onednn_conv.cpp
+void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::Tensor out);  // max_pool.cpp
+
+// out = the block's four branches concatenated along channels, for x (channels_last fp32).
+// packed[i], layouts[i]: onednn_conv_pack's result for conv i of the structure (see above),
+// w_sizes[i] its weight's sizes, biases[i] its bias; widths: the merged reduce's three parts
+// (branch 1, reduce 2, reduce 3); pool: the pool branch's window (stride 1, padding pool / 2).
+// Returns false, with out unwritten, where oneDNN has no optimized kernel for one of the convs
+// (the caller then takes its per-conv path, which notes it).
+bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                      const std::vector<int64_t>& layouts,
+                      const std::vector<std::vector<int64_t>>& w_sizes,
+                      const std::vector<at::Tensor>& biases, at::IntArrayRef widths, int64_t pool,
+                      at::Tensor out) {
+  const size_t n = packed.size();
+  TORCH_CHECK((n == 4 || n == 6) && layouts.size() == n && w_sizes.size() == n &&
+                  biases.size() == n && widths.size() == 3 && pool >= 1,
+              "fastcnn onednn_inception: 4 (merged) or 6 (separate) convs with their layouts, "
+              "weight sizes and biases, 3 widths and a pool window expected");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fastcnn onednn_inception: x must be a 4-D channels_last tensor");
+  for (const auto& w : w_sizes) {
+    TORCH_CHECK(w.size() == 4 && w[2] == w[3] && w[2] % 2 == 1,
+                "fastcnn onednn_inception: square odd kernels expected");
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  bool done = true;
+  // conv i of the structure on `input` (a dense channels_last tensor), or an undefined tensor
+  // where oneDNN has no optimized kernel (then the rest is skipped)
+  auto conv = [&](size_t i, const at::Tensor& input) -> at::Tensor {
+    if (!done) return {};
+    const auto& w = w_sizes[i];
+    const int64_t pad = w[2] / 2;
+    auto y = at::empty({input.size(0), w[0], input.size(2), input.size(3)},
+                       input.options().memory_format(cl));
+    done = onednn_conv(input, packed[i], layouts[i], w, biases[i], std::nullopt, y, {1, 1},
+                       {pad, pad}, 1, true);
+    return y;
+  };
+  auto pooled = [&]() {
+    const int64_t pad = pool / 2, h = x.size(2) + 2 * pad - pool + 1;
+    const int64_t w = x.size(3) + 2 * pad - pool + 1;
+    auto p = at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(cl));
+    max_pool2d_out_cpu(x, {pool, pool}, {1, 1}, {pad, pad}, p);
+    return p;
+  };
+  std::vector<at::Tensor> ys;
+  if (n == 4) {  // merged: one 1x1 over x, branches 2 and 3 read dense copies of its slices
+    const int64_t c1 = widths[0], c2r = widths[1], c3r = widths[2];
+    auto reduced = conv(0, x);
+    if (!done) return false;
+    ys.push_back(reduced.narrow(1, 0, c1));
+    ys.push_back(conv(1, reduced.narrow(1, c1, c2r).contiguous(cl)));
+    ys.push_back(conv(2, reduced.narrow(1, c1 + c2r, c3r).contiguous(cl)));
+    ys.push_back(conv(3, pooled()));
+  } else {
+    ys.push_back(conv(0, x));
+    ys.push_back(conv(2, conv(1, x)));
+    ys.push_back(conv(4, conv(3, x)));
+    ys.push_back(conv(5, pooled()));
+  }
+  if (!done) return false;
+  at::cat_out(out, ys, 1);
+  return true;
+}
+
+}  // namespace fastcnn
+
+#endif  // FASTCNN_WITH_ONEDNN
