@@ -222,7 +222,7 @@ def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strid
         if y is not None:
             return y
         # no optimized kernel for these strides (the same every call: noted once there)
-        in_place = out is residual
+        in_place = out is not None and out is residual
         return conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
 
     return run
