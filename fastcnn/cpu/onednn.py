@@ -165,19 +165,24 @@ def packer(x, stride, padding, groups=1):
     return pack
 
 
-def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides):
+def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, recycle=False):
     """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
     for these strides: the direct conv for tensors with these tensors' metadata, out None (a
-    new tensor of out_shape/out_strides) or the residual (in place). Per call only the weight's
-    pack lookup, the output allocation and the C++ call."""
+    new tensor of out_shape/out_strides; with recycle, the last one's memory where nothing else
+    holds it: _alloc.Recycled) or the residual (in place). Per call only the weight's pack
+    lookup, the output allocation and the C++ call."""
     conv, pack = _direct().onednn_conv, packer(x, stride, padding, groups)
     w_shape, stride, padding = tuple(weight.shape), tuple(stride), tuple(padding)
     out_shape, out_strides = tuple(out_shape), tuple(out_strides)
+    recycled = _alloc.Recycled(out_shape, out_strides) if recycle else None
 
     def run(x, weight, bias, residual, out):
         packed, layout = pack(weight)
         if out is None:
-            out = _alloc.empty_strided(out_shape, out_strides, x)
+            if recycled is None:
+                out = _alloc.empty_strided(out_shape, out_strides, x)
+            else:
+                out = recycled.get(x)
         if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):
             return out
         return None
@@ -215,7 +220,8 @@ def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strid
         return None
     if bias is not None and not bias.is_contiguous():
         return None
-    direct_run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
+    direct_run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides,
+                         recycle=True)  # fmt: skip
 
     def run(x, weight, bias, residual, out):
         y = direct_run(x, weight, bias, residual, out)
