@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -62,6 +64,9 @@ class ConvBNAct(nn.Module):
         weight = torch.empty(
             out_channels, in_channels // groups, kh, kw, device=device, dtype=dtype
         )
+        # nn.Conv2d's default initialization, never uninitialized memory: a module built
+        # directly (not from_modules, no load_state_dict yet) computes with defined weights
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", torch.zeros(out_channels, device=device, dtype=dtype))
         # Launch plans per input layout and backend (fastcnn.ops.conv_bn_act.plan): checks and

@@ -3,6 +3,8 @@ its folded weights as buffers, and round-trips through its own state_dict."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from fastcnn_testing import assert_matches, random_tensor, runs_on, skip_unsupported
@@ -88,3 +90,14 @@ def test_unsupported_modules_are_refused(conv, relu, error, message):
 def test_channels_must_divide_groups():
     with pytest.raises(ValueError, match="divisible by groups"):
         fastcnn.nn.ConvBNAct(13, 24, 3, groups=2)
+
+
+def test_a_module_built_directly_has_defined_weights():
+    """Built without from_modules or a state dict, it computes with nn.Conv2d's default
+    initialization, never with uninitialized memory."""
+    torch.manual_seed(0)
+    m = fastcnn.nn.ConvBNAct(6, 10, 3, padding=1)
+    bound = 1 / math.sqrt(6 * 9)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), +)
+    assert torch.isfinite(m.weight).all() and m.weight.abs().max() <= bound
+    assert m.weight.std() > bound / 4  # not all zeros either
+    assert (m.bias == 0).all()
