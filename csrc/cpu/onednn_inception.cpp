@@ -11,6 +11,7 @@
 #ifdef FASTCNN_WITH_ONEDNN
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -49,6 +50,17 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
     TORCH_CHECK(w.size() == 4 && w[2] == w[3] && w[2] % 2 == 1,
                 "fastcnn onednn_inception: square odd kernels expected");
   }
+  int64_t channels = 0;
+  for (size_t i : n == 4 ? std::vector<size_t>{1, 2, 3} : std::vector<size_t>{0, 2, 4, 5}) {
+    channels += w_sizes[i][0];
+  }
+  if (n == 4) channels += widths[0];  // branch 1: the merged reduce's first part
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({x.size(0), channels, x.size(2), x.size(3)}) &&
+                  out.scalar_type() == x.scalar_type() && out.device() == x.device(),
+              "fastcnn onednn_inception: out ", out.sizes(), " ", out.scalar_type(),
+              " is not the block's output [", x.size(0), ", ", channels, ", ", x.size(2), ", ",
+              x.size(3), "] ", x.scalar_type());
+  at::assert_no_overlap(out, x);
   const auto cl = at::MemoryFormat::ChannelsLast;
   bool done = true;
   // conv i of the structure on `input` (a dense channels_last tensor), or an undefined tensor

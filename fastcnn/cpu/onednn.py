@@ -200,6 +200,7 @@ def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, gro
     wo = (w + 2 * padding[1] - kw) // stride[1] + 1
     out_shape, out_strides = (n, c_out, ho, wo), (ho * wo * c_out, 1, wo * c_out, c_out)
     run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
+    bias = bias if bias is None else bias.contiguous()  # oneDNN reads it as a dense vector
     y = run(x, weight, bias, residual, residual if in_place else None)
     if y is None:
         out_strides = residual.stride() if in_place else out_strides

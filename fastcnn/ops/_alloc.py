@@ -43,27 +43,44 @@ class Recycled:
     GoogLeNet 1.03x faster with every conv output in a buffer of its own call site; no change at
     batch 1). Safe by construction: the buffer is reused only when its storage has no other
     holder at all (the tensor handed out, any view of it, a storage object, a C++ reference:
-    each holds the storage), checked and claimed under a lock, so two threads never get one
-    buffer. The plan keeps the memory of its last output between calls: one output per plan."""
+    each holds the storage), is the memory we allocated and not shared with another process,
+    checked and claimed under a lock, so two threads never get one buffer. The plan keeps the
+    memory of its last output between calls: one output per plan."""
 
-    __slots__ = ("_keep", "_lock", "shape", "strides")
+    __slots__ = ("_keep", "_lock", "_memory", "shape", "strides")
 
     def __init__(self, shape, strides) -> None:
         self.shape, self.strides = tuple(shape), tuple(strides)
         self._keep: torch.Tensor | None = None  # a tensor of our own on the last output's memory
+        self._memory: tuple[int, int] = (0, 0)  # (address, bytes) of the memory we allocated
         self._lock = threading.Lock()
 
     def get(self, like: torch.Tensor) -> torch.Tensor:
         with self._lock:
             keep = self._keep
-            if keep is not None and _holders(keep) == _ONLY_OURS:
+            if keep is not None and self._only_ours(keep):
                 t = keep.detach()
                 return t if _poison is None else _fill(t)
             t = like.new_empty_strided(self.shape, self.strides)
             # detach(): an alias that is not a view, so it holds no reference to t itself (a
             # view's base would keep t's hold on the memory alive: never free)
             self._keep = t.detach()
+            self._memory = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t if _poison is None else _fill(t)
+
+    def _only_ours(self, keep: torch.Tensor) -> bool:
+        """May keep's memory be written again? Nothing holds it but us, it is still the memory
+        we allocated (a storage resized or moved to shared memory in place is not: another
+        process may map it, torch.multiprocessing keeps no count of it), and it is a tensor of
+        the grad mode the caller runs (an inference tensor only under inference_mode)."""
+        if _holders(keep) != _ONLY_OURS:  # first: a storage object held here would count
+            return False
+        storage = keep.untyped_storage()
+        return (
+            (storage.data_ptr(), storage.nbytes()) == self._memory
+            and not storage.is_shared()
+            and keep.is_inference() == torch.is_inference_mode_enabled()
+        )
 
 
 def _holders(t: torch.Tensor) -> tuple[int, int]:

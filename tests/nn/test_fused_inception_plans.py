@@ -139,3 +139,18 @@ def test_the_block_call_refuses_a_structure_it_does_not_know():
     with pytest.raises(RuntimeError, match="square odd kernels"):
         _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 2, 2)] * 4, [bias] * 4,
                               (2, 3, 3), 3, out)  # fmt: skip
+
+
+def test_the_block_call_refuses_an_output_of_another_size():
+    fused = _fused()
+    x = random_tensor((1, 19, 5, 6), torch.float32, "cpu", channels_last=True, seed=9)
+    convs = [(fused.reduce_weight, fused.reduce_bias, 0), (fused.w2, fused.b2, 1),
+             (fused.w3, fused.b3, 2), (fused.w4, fused.b4, 3)]  # fmt: skip
+    c_in = {0: 19, 1: fused.widths[1], 2: fused.widths[2], 3: 19}
+    packs = [_ext.onednn_conv_pack(w, (1, c_in[i], 5, 6), (1, 1), (w.shape[-1] // 2,) * 2, 1)
+             for w, _, i in convs]  # fmt: skip
+    wrong = torch.empty(1, 5, 5, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="is not the block's output"):
+        _ext.onednn_inception(x, [p for p, _ in packs], [lay for _, lay in packs],
+                              [tuple(w.shape) for w, _, _ in convs], [b for _, b, _ in convs],
+                              tuple(fused.widths), fused.pool, wrong)  # fmt: skip

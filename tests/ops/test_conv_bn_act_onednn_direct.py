@@ -93,6 +93,31 @@ def test_a_bound_conv_without_an_optimized_kernel_takes_the_op_path(residual):
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1, r), torch.float32)
 
 
+@needs_direct
+def test_in_place_into_a_residual_channel_slice_is_computed():
+    """A residual that is a channel slice (not provably free of overlap, not overlapping) is
+    written in place through the fallback, not refused."""
+    big = random_tensor((2, 40, 9, 7), torch.float32, "cpu", channels_last=True, seed=11)
+    x = big[:, 8:20]
+    _, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
+    wide = random_tensor((2, 48, 9, 7), torch.float32, "cpu", channels_last=True, seed=12)
+    r = wide[:, :20]
+    expected = conv_reference64(x, weight, bias, 1, 1, r.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-kernel note
+        y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), r, True, True)
+    assert_matches(y, expected, torch.float32)
+
+
+@needs_direct
+def test_a_strided_bias_is_read_as_its_values():
+    x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
+    strided = torch.stack([bias, -bias], 1)[:, 0]  # bias's values, stride 2
+    assert not strided.is_contiguous()
+    y = onednn.conv_bn_act(x, weight, strided, (1, 1), (1, 1), None, True)
+    assert_matches(y, conv_reference64(x, weight, bias, 1, 1), torch.float32)
+
+
 def test_without_the_library_torch_ops_run_and_it_is_noted(monkeypatch):
     class _NoOneDNN:  # an extension built without FASTCNN_WITH_ONEDNN
         pass

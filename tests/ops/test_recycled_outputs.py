@@ -81,6 +81,37 @@ def test_concurrent_callers_never_share_a_buffer():
     assert all(count == 0 for counts in seen for count in counts)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.share_memory_(),  # e.g. sent through torch.multiprocessing: another
+        # process maps it and nothing here counts that
+        lambda t: t.untyped_storage().resize_(0),  # the memory itself replaced
+    ],
+    ids=["moved-to-shared-memory", "storage-resized"],
+)
+def test_memory_that_changed_under_us_is_not_written_again(change):
+    buffers = _recycled()
+    first = buffers.get(_LIKE)
+    change(first)
+    address = first.untyped_storage().data_ptr()
+    del first
+    again = buffers.get(_LIKE)
+    assert again.untyped_storage().data_ptr() != address or address == 0
+    again.fill_(1.0)  # writable, its full size
+    assert again.numel() == 24
+
+
+def test_outside_inference_mode_no_inference_tensor_is_handed_out():
+    buffers = _recycled()
+    with torch.inference_mode():
+        buffers.get(_LIKE)
+    with torch.no_grad():
+        t = buffers.get(_LIKE)
+    assert not t.is_inference()
+    t.add_(1)  # an inference tensor would refuse this outside inference_mode
+
+
 def test_a_recycled_buffer_is_poisoned_again_in_tests():
     buffers = _recycled()
     with _alloc.poisoned(float("nan")):
