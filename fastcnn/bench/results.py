@@ -123,6 +123,13 @@ COLUMNS = {
         ("rest ms", "{rest_ms:.2f}"),
         ("conv calls", "{conv_calls:.0f}"),
     ],
+    "recycled_outputs": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("fresh outputs ms", "{fresh_ms:.2f}"),
+        ("recycled outputs ms", "{recycled_ms:.2f}"),
+        ("speedup", "{speedup:.3f}x"),
+    ],
     "host_overhead": [
         ("backend", "{backend}"),
         ("dtype", "{dtype}"),
