@@ -24,6 +24,7 @@ import torch
 
 from fastcnn import _backend, _extension
 from fastcnn.ops import _alloc
+from fastcnn.ops.conv_bn_act import output_shape
 
 _mkldnn = torch.ops.mkldnn
 
@@ -194,11 +195,9 @@ def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, gro
     """The direct path's result, or None where oneDNN has no optimized kernel for these
     strides (noted once; the torch path then runs it)."""
     residual, in_place = _channels_last_residual(x, residual, in_place)
-    n, _, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
-    out_shape, out_strides = (n, c_out, ho, wo), (ho * wo * c_out, 1, wo * c_out, c_out)
+    out_shape = output_shape(x.shape, weight.shape, stride, padding, (1, 1))
+    _, c_out, ho, wo = out_shape
+    out_strides = (ho * wo * c_out, 1, wo * c_out, c_out)  # channels_last
     run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
     bias = bias if bias is None else bias.contiguous()  # oneDNN reads it as a dense vector
     y = run(x, weight, bias, residual, residual if in_place else None)
