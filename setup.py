@@ -11,6 +11,18 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["fastcnn", "fastcnn.*"]), "fastcnn.csrc"],
     package_dir={"fastcnn.csrc": "csrc"},
-    package_data={"fastcnn.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"]},
+    # every source and header (tests/test_extension.py checks that none is left out)
+    package_data={
+        "fastcnn.csrc": [
+            "*.cpp",
+            "*.h",
+            "common/*.h",
+            "cpu/*.cpp",
+            "cpu/*.h",
+            "cuda/*.cu",
+            "cuda/*.cuh",
+            "cuda/*.h",
+        ]
+    },
     include_package_data=False,
 )

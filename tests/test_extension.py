@@ -106,3 +106,23 @@ def test_collect_env_reports_the_extension_and_backends():
     for key in ("torch", "triton", "extension built", "extension CUDA sources", "backend eager"):
         assert key in info
     assert info["extension built"] is True
+
+
+def test_every_source_file_ships_in_the_package():
+    """setup.py's package_data globs (setuptools matches them per folder) cover every file in
+    csrc/: a header left out compiles here, in the checkout, and fails a non-editable install."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    data = next(
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.keyword) and node.arg == "package_data"
+    )
+    patterns = ast.literal_eval(data)["fastcnn.csrc"]
+    csrc = root / "csrc"
+    shipped = {p for pattern in patterns for p in csrc.glob(pattern)}
+    every = {p for p in csrc.rglob("*") if p.is_file()}
+    assert every - shipped == set(), sorted(str(p.relative_to(csrc)) for p in every - shipped)

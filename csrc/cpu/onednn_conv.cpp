@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../common/thread_buffer.h"
+
 namespace fastcnn {
 namespace {
 
@@ -55,15 +57,6 @@ dnnl::engine& engine() {
 dnnl::stream& thread_stream() {  // streams are not shared between threads
   thread_local dnnl::stream stream(engine());
   return stream;
-}
-
-// This thread's scratchpad, grown to the largest a primitive asked for and kept: a fresh one
-// per call costs a large allocation whose pages fault in on every call. One call at a time
-// runs on a thread, so the buffer is never shared.
-void* thread_scratchpad(size_t bytes) {
-  thread_local std::vector<uint8_t> buffer;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
 }
 
 memory::data_type data_type(const at::Tensor& t) {
@@ -318,8 +311,10 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
                  memory(conv->residual, eng, residual->data_ptr()));
   }
   if (conv->scratchpad.get_size() > 0) {
-    args.emplace(DNNL_ARG_SCRATCHPAD,
-                 memory(conv->scratchpad, eng, thread_scratchpad(conv->scratchpad.get_size())));
+    args.emplace(
+        DNNL_ARG_SCRATCHPAD,
+        memory(conv->scratchpad, eng,
+               thread_buffer<ThreadBuffer::kOnednnScratchpad>(conv->scratchpad.get_size())));
   }
   auto& stream = thread_stream();
   conv->prim->execute(stream, args);

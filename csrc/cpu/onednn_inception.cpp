@@ -3,8 +3,11 @@
 // the intermediates allocated here. A block planned in Python paid per conv a Python runner,
 // a pack lookup, an output allocation and a pybind call, and the pool and concat their own
 // dispatches: ~0.1 ms of host time a block at batch 1, about a tenth of a batch-1 block's
-// convolution time. fastcnn.cpu.inception looks the packed weights up (per weight version) and
-// calls this with them; the structures are those of fastcnn/cpu/inception.py:
+// convolution time. The intermediates (branch outputs, the pool's output, merged slices) live
+// in this thread's kept buffer (common/thread_buffer.h): the same warm memory for every block
+// and call, where a fresh allocation each was cold (GoogLeNet batch 8: ~5% of a forward).
+// fastcnn.cpu.inception looks the packed weights up (per weight version) and calls this with
+// them; the structures are those of fastcnn/cpu/inception.py:
 //   merged:   [merged 1x1 reduce, kxk of branch 2, kxk of branch 3, 1x1 after the pool]
 //   separate: [branch 1's 1x1, reduce 2, kxk 2, reduce 3, kxk 3, 1x1 after the pool]
 // Every conv is stride 1 with "same" padding (k / 2) and ReLU, as in fastcnn.ops.inception.
@@ -17,6 +20,8 @@
 #include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "../common/thread_buffer.h"
 
 namespace fastcnn {
 
@@ -41,9 +46,9 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
                       at::Tensor out) {
   const size_t n = packed.size();
   TORCH_CHECK((n == 4 || n == 6) && layouts.size() == n && w_sizes.size() == n &&
-                  biases.size() == n && widths.size() == 3 && pool >= 1,
+                  biases.size() == n && widths.size() == 3 && pool >= 1 && pool % 2 == 1,
               "fastcnn onednn_inception: 4 (merged) or 6 (separate) convs with their layouts, "
-              "weight sizes and biases, 3 widths and a pool window expected");
+              "weight sizes and biases, 3 widths and an odd pool window expected");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "fastcnn onednn_inception: x must be a 4-D channels_last tensor");
   for (const auto& w : w_sizes) {
@@ -61,7 +66,26 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
               " is not the block's output [", x.size(0), ", ", channels, ", ", x.size(2), ", ",
               x.size(3), "] ", x.scalar_type());
   at::assert_no_overlap(out, x);
-  const auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t batch = x.size(0), h = x.size(2), wd = x.size(3);
+  // The intermediates, channels_last, one after another in this thread's buffer (each start
+  // 64-byte aligned): every conv's output, the pool's, and (merged) the two reduce slices'
+  // dense copies.
+  std::vector<int64_t> widths_used;
+  for (const auto& w : w_sizes) widths_used.push_back(w[0]);
+  widths_used.push_back(x.size(1));  // the pool's output
+  if (n == 4) widths_used.insert(widths_used.end(), {widths[1], widths[2]});
+  const int64_t plane = batch * h * wd, align = 64 / static_cast<int64_t>(sizeof(float));
+  int64_t floats = 0;
+  for (int64_t c : widths_used) floats += (plane * c + align - 1) / align * align;
+  auto* memory = static_cast<float*>(
+      thread_buffer<ThreadBuffer::kInceptionIntermediates>(floats * sizeof(float)));
+  int64_t taken = 0;
+  auto take = [&](int64_t c) {  // a [batch, c, h, w] channels_last tensor of the buffer
+    auto t =
+        at::from_blob(memory + taken, {batch, c, h, wd}, {h * wd * c, 1, wd * c, c}, x.options());
+    taken += (plane * c + align - 1) / align * align;
+    return t;
+  };
   bool done = true;
   // conv i of the structure on `input` (a dense channels_last tensor), or an undefined tensor
   // where oneDNN has no optimized kernel (then the rest is skipped)
@@ -69,27 +93,25 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
     if (!done) return {};
     const auto& w = w_sizes[i];
     const int64_t pad = w[2] / 2;
-    auto y = at::empty({input.size(0), w[0], input.size(2), input.size(3)},
-                       input.options().memory_format(cl));
+    auto y = take(w[0]);
     done = onednn_conv(input, packed[i], layouts[i], w, biases[i], std::nullopt, y, {1, 1},
                        {pad, pad}, 1, true);
     return y;
   };
   auto pooled = [&]() {
-    const int64_t pad = pool / 2, h = x.size(2) + 2 * pad - pool + 1;
-    const int64_t w = x.size(3) + 2 * pad - pool + 1;
-    auto p = at::empty({x.size(0), x.size(1), h, w}, x.options().memory_format(cl));
-    max_pool2d_out_cpu(x, {pool, pool}, {1, 1}, {pad, pad}, p);
+    auto p = take(x.size(1));  // stride 1, padding pool / 2, pool odd: the input's size
+    max_pool2d_out_cpu(x, {pool, pool}, {1, 1}, {pool / 2, pool / 2}, p);
     return p;
   };
+  auto dense_copy = [&](const at::Tensor& slice) { return take(slice.size(1)).copy_(slice); };
   std::vector<at::Tensor> ys;
   if (n == 4) {  // merged: one 1x1 over x, branches 2 and 3 read dense copies of its slices
     const int64_t c1 = widths[0], c2r = widths[1], c3r = widths[2];
     auto reduced = conv(0, x);
     if (!done) return false;
     ys.push_back(reduced.narrow(1, 0, c1));
-    ys.push_back(conv(1, reduced.narrow(1, c1, c2r).contiguous(cl)));
-    ys.push_back(conv(2, reduced.narrow(1, c1 + c2r, c3r).contiguous(cl)));
+    ys.push_back(conv(1, dense_copy(reduced.narrow(1, c1, c2r))));
+    ys.push_back(conv(2, dense_copy(reduced.narrow(1, c1 + c2r, c3r))));
     ys.push_back(conv(3, pooled()));
   } else {
     ys.push_back(conv(0, x));

@@ -5,6 +5,8 @@ not take keep the op's own path."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from fastcnn_testing import random_tensor, randomize_batchnorm
@@ -154,3 +156,54 @@ def test_the_block_call_refuses_an_output_of_another_size():
         _ext.onednn_inception(x, [p for p, _ in packs], [lay for _, lay in packs],
                               [tuple(w.shape) for w, _, _ in convs], [b for _, b, _ in convs],
                               tuple(fused.widths), fused.pool, wrong)  # fmt: skip
+
+
+def test_the_block_call_refuses_an_even_pool():
+    x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
+    packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
+                                           (0, 0), 1)  # fmt: skip
+    bias, out = torch.randn(8), torch.empty(1, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="odd pool window"):
+        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 1, 1)] * 4, [bias] * 4,
+                              (2, 3, 3), 2, out)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_blocks_of_other_sizes_share_the_kept_intermediates_safely(variant, monkeypatch):
+    """The intermediates live in one buffer per thread, kept between calls and grown for a
+    larger block: a small block, a larger one (the buffer grows and moves), the small one again
+    are each right, and an output handed out earlier is never that buffer (unchanged after the
+    later calls)."""
+    small, x_small, _ = _planned(variant, (1, 19, 5, 6), 11, monkeypatch)
+    large, x_large, _ = _planned(variant, (3, 19, 17, 15), 12, monkeypatch)
+    with torch.no_grad():
+        first = small(x_small)
+        kept = first.clone()
+        grown = large(x_large)
+        again = small(x_small)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(grown.double(), _expected(large, x_large), rtol=1e-5, atol=1e-5)
+    for y in (first, again):
+        torch.testing.assert_close(y.double(), _expected(small, x_small), rtol=1e-5, atol=1e-5)
+
+
+def test_threads_running_blocks_at_once_each_get_their_own_intermediates(monkeypatch):
+    """Two threads, each looping over its own input through one block at the same time: every
+    output right (a shared intermediates buffer would mix their branches)."""
+    fused, _, _ = _planned("separate", (2, 19, 9, 8), 13, monkeypatch)
+    inputs = [random_tensor((2, 19, 9, 8), torch.float32, "cpu", channels_last=True, seed=s)
+              for s in (14, 15)]  # fmt: skip
+    expected = [_expected(fused, x) for x in inputs]
+    errors: list[float] = []
+
+    def loop(i):
+        with torch.no_grad():
+            for _ in range(30):
+                errors.append((fused(inputs[i]).double() - expected[i]).abs().max().item())
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 60 and max(errors) < 1e-4, max(errors)
