@@ -130,6 +130,14 @@ COLUMNS = {
         ("recycled outputs ms", "{recycled_ms:.2f}"),
         ("speedup", "{speedup:.3f}x"),
     ],
+    "cpu_ab": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("on / off", "{switch}"),
+        ("off ms", "{off_ms:.2f}"),
+        ("on ms", "{on_ms:.2f}"),
+        ("speedup", "{speedup:.3f}x"),
+    ],
     "host_overhead": [
         ("backend", "{backend}"),
         ("dtype", "{dtype}"),

@@ -95,13 +95,18 @@ def signature(weight: torch.Tensor) -> tuple:
     return (weight.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.dtype)
 
 
+def cached_pack(weight: torch.Tensor, shape_key: tuple, pack) -> torch.Tensor:
+    """pack()'s packed copy of weight for shape_key, made once per weight version (the last
+    SHAPES_PER_WEIGHT shape keys per weight are kept)."""
+    return _cache.get(weight, signature(weight), shape_key, pack)
+
+
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
     """weight in oneDNN's blocked layout for this input shape, packed once (per weight version
     and shape; the last SHAPES_PER_WEIGHT shapes are kept)."""
     shape = tuple(input_shape)
-    return _cache.get(
+    return cached_pack(
         weight,
-        signature(weight),
         shape,
         lambda: _mkldnn._reorder_convolution_weight(
             weight.contiguous(), list(padding), list(stride), [1, 1], groups, list(shape)

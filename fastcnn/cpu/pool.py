@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _extension, _trace
+from fastcnn.cpu.plan import Plans
 from fastcnn.ops import _alloc
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: int8 models
@@ -43,28 +44,61 @@ def unsupported_reason(
     return None
 
 
-def max_pool2d(
-    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
-) -> torch.Tensor:
-    """max_pool2d(x) by the extension, channels_last, for an x unsupported_reason accepts."""
+def output_shape(x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool):
+    """The pooled [n, c, ho, wo] of x."""
     n, c, h, w = x.shape
-    ho = output_size(h, kernel, stride, padding, ceil_mode)
-    wo = output_size(w, kernel, stride, padding, ceil_mode)
-    out = _alloc.empty((n, c, ho, wo), x, torch.channels_last)
+    return (n, c, *(output_size(s, kernel, stride, padding, ceil_mode) for s in (h, w)))
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    ceil_mode: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """max_pool2d(x) by the extension, channels_last, for an x unsupported_reason accepts, into
+    out (channels_last, output_shape's size) or a new tensor."""
+    if out is None:
+        out = _alloc.empty(
+            output_shape(x, kernel, stride, padding, ceil_mode), x, torch.channels_last
+        )
     pair = [kernel, kernel], [stride, stride], [padding, padding]
     _extension.ops().max_pool2d_out(x, *pair, out)
     return out
 
 
+def _recycled_output(outputs: Plans, x, kernel, stride, padding, ceil_mode) -> torch.Tensor:
+    """The output of a pool layer's call on x: its last output at this shape where nothing
+    holds it any more (see _alloc.Recycled), else a new one."""
+    key = (x.shape, x.dtype, kernel, stride, padding, ceil_mode)
+    recycled = outputs.get(key)
+    if recycled is None:
+        shape = output_shape(x, kernel, stride, padding, ceil_mode)
+        recycled = _alloc.Recycled(shape, _alloc.strides_of(shape, torch.channels_last))
+        outputs.add(key, recycled)
+    return recycled.get(x)
+
+
 def max_pool2d_or_torch(
-    x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
+    x: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: int,
+    ceil_mode: bool,
+    outputs: Plans | None = None,
 ) -> torch.Tensor:
     """The extension's pool where it applies, else torch's (a fallback the trace records when
-    x is a CPU tensor: on CUDA, torch's pool is the path)."""
+    x is a CPU tensor: on CUDA, torch's pool is the path). outputs: a pool layer's bounded map
+    of its last outputs per input shape, reused once free (None: a new output every call)."""
     why = unsupported_reason(x, kernel, stride, padding, ceil_mode)
     if why is None:
         _trace.record("max_pool2d", "cpu", "indices_free")
-        return max_pool2d(x, kernel, stride, padding, ceil_mode)
+        out = None
+        if outputs is not None:
+            out = _recycled_output(outputs, x, kernel, stride, padding, ceil_mode)
+        return max_pool2d(x, kernel, stride, padding, ceil_mode, out)
     _trace.record("max_pool2d", "aten", "max_pool2d", why if x.device.type == "cpu" else None)
     if x.dtype == torch.uint8 and x.device.type == "cpu":  # aten's uint8 CPU pool rejects large
         y = torch.nn.functional.max_pool2d(x.float(), kernel, stride, padding, ceil_mode=ceil_mode)

@@ -19,6 +19,7 @@ from torch import nn
 from fastcnn import ops
 from fastcnn.nn.folded import FoldedConvBN, conv_bn_act_forward, runs_fused
 from fastcnn.nn.fused_inception import pool_size
+from fastcnn.nn.linear import Linear
 from fastcnn.nn.max_pool import MaxPool2d
 
 __all__ = [
@@ -190,7 +191,7 @@ class GoogLeNet(nn.Module):
             self.aux2 = None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(1024, num_classes)
+        self.fc = Linear(1024, num_classes)  # nn.Linear's; prepacked on CPU
         if init_weights:  # torchvision's scheme
             for m in self.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):

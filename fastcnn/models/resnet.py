@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcnn.nn.folded import ConvBN, FoldedConvBN, conv_bn_act_forward
+from fastcnn.nn.linear import Linear
 from fastcnn.nn.max_pool import MaxPool2d
 
 __all__ = [
@@ -147,7 +148,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, 256, layers[2], 2, replace_stride_with_dilation[1])
         self.layer4 = self._make_layer(block, 512, layers[3], 2, replace_stride_with_dilation[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = Linear(512 * block.expansion, num_classes)  # nn.Linear's; prepacked on CPU
         self._folded_stem = FoldedConvBN()
 
         for m in self.modules():  # He initialization

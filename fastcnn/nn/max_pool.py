@@ -8,11 +8,18 @@ from torch import nn
 
 from fastcnn import _trace
 from fastcnn.cpu import pool
+from fastcnn.cpu.plan import Plans
 
 
 class MaxPool2d(nn.MaxPool2d):
     """A drop-in nn.MaxPool2d (same arguments, no state). fastcnn.optimize swaps it in for square
-    nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it."""
+    nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it. On the
+    extension's path it writes into its last output at the input's shape once nothing holds
+    that any more (fastcnn.ops._alloc.Recycled; at most MAX_PLANS shapes kept)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._outputs = Plans()  # input shape -> Recycled output; bounded, not in state_dict
 
     @classmethod
     def from_module(cls, m: nn.MaxPool2d) -> MaxPool2d:
@@ -36,7 +43,12 @@ class MaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         stride = self.stride if self.stride is not None else self.kernel_size
         return pool.max_pool2d_or_torch(
-            x, _first(self.kernel_size), _first(stride), _first(self.padding), self.ceil_mode
+            x,
+            _first(self.kernel_size),
+            _first(stride),
+            _first(self.padding),
+            self.ceil_mode,
+            self._outputs,
         )
 
 

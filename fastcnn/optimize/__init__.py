@@ -10,7 +10,7 @@ FX cannot trace it), one pass per file, run in this order:
                                                              -> fastcnn.nn.FusedInception
   in_place.py    a fused residual conv writes into its shortcut's buffer where an alias
                  analysis proves nothing reads that memory afterwards
-  pools.py       nn.MaxPool2d                                -> fastcnn.nn.MaxPool2d
+  drop_ins.py    nn.MaxPool2d, nn.Linear                     -> fastcnn.nn.MaxPool2d, .Linear
   leftovers.py   what no pattern took is kept, and fastcnn.report(model) says why
 verify.py checks each rewrite and the whole model on an example input (verify=True);
 module_level.py is the fallback for models FX cannot trace.
@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from fastcnn import _backend
 from fastcnn.cuda_graphs import MAX_GRAPHS, CUDAGraphed
-from fastcnn.optimize import chains, in_place, inception, leftovers, pools
+from fastcnn.optimize import chains, drop_ins, in_place, inception, leftovers
 from fastcnn.optimize._graph import traced
 from fastcnn.optimize.module_level import module_level_optimize
 from fastcnn.optimize.verify import VERIFY_TOLERANCE, Verifier, random_example
@@ -43,7 +43,7 @@ def _fx_optimize(
     chains.fuse_conv_chains(gm, report, backend, check)
     inception.fuse_inceptions(gm, report, backend, check)
     in_place.overwrite_dead_residuals(gm, report)
-    pools.swap_max_pools(gm, report)
+    drop_ins.swap_drop_ins(gm, report)
     leftovers.report_left_over(gm, report)
     gm.graph.lint()
     gm.recompile()

@@ -101,3 +101,23 @@ def test_module_keeps_autograd_and_indices():
     assert fastcnn.nn.MaxPool2d.unsupported_reason(with_indices) is not None
     y, idx = with_indices(x.detach())
     assert idx.dtype == torch.int64 and y.shape == idx.shape
+
+
+def test_module_writes_into_its_last_output_once_nothing_holds_it():
+    """The layer's output memory comes back at the same shape only once the caller dropped it:
+    an output still held keeps its values, and every output is right."""
+    fast = fastcnn.nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    xs = [torch.randn(2, 13, 11, 11).contiguous(memory_format=torch.channels_last) for _ in "ab"]
+    expected = [F.max_pool2d(x, 3, 2, ceil_mode=True) for x in xs]
+    with torch.no_grad():
+        first = fast(xs[0])
+        held = fast(xs[1])  # first still held: a new buffer
+        assert held.data_ptr() != first.data_ptr()
+        assert torch.equal(first, expected[0]) and torch.equal(held, expected[1])
+        address = held.data_ptr()
+        del held
+        again = fast(xs[0])  # held dropped: its memory again (first's is still held)
+        assert again.data_ptr() == address and torch.equal(again, expected[0])
+        assert torch.equal(first, expected[0])
+        other = fast(torch.randn(1, 13, 9, 9).contiguous(memory_format=torch.channels_last))
+    assert other.shape == (1, 13, 4, 4) and len(fast._outputs) == 2  # one output per shape

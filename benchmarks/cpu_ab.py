@@ -1,0 +1,117 @@
+"""One fastcnn CPU feature against its plain counterpart, in one process: the same optimized
+model, calls alternating between the feature off and on, so a drifting machine weighs on both
+alike (separate processes on a shared VM differ by up to 20%).
+
+  recycled  planned outputs reuse their last memory (fastcnn.ops._alloc.Recycled: convs,
+            Inception blocks, max-pools) / off: a fresh output every call
+  linear    fastcnn.nn.Linear (oneDNN, prepacked weight) / off: nn.Linear's forward (aten)
+
+    python benchmarks/cpu_ab.py --switch linear --out benchmarks/results/DIR/cpu_ab_linear.json
+
+(benchmarks/cpu_recycled_outputs.py, which made recycled_outputs.json, became --switch recycled.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fastcnn
+from fastcnn.bench.measure import model_input
+from fastcnn.bench.providers import make_model
+from fastcnn.bench.results import ResultFile
+from fastcnn.ops import _alloc
+
+
+@contextlib.contextmanager
+def _recycled(on: list[bool]) -> Iterator[None]:
+    recycled_get = _alloc.Recycled.get
+
+    def get(self, like):
+        if on[0]:
+            return recycled_get(self, like)
+        return _alloc.empty_strided(self.shape, self.strides, like)
+
+    _alloc.Recycled.get = get
+    try:
+        yield
+    finally:
+        _alloc.Recycled.get = recycled_get
+
+
+@contextlib.contextmanager
+def _linear(on: list[bool]) -> Iterator[None]:
+    packed_forward = fastcnn.nn.Linear.forward
+
+    def forward(self, x):
+        return packed_forward(self, x) if on[0] else nn.Linear.forward(self, x)
+
+    fastcnn.nn.Linear.forward = forward
+    try:
+        yield
+    finally:
+        fastcnn.nn.Linear.forward = packed_forward
+
+
+SWITCHES = {  # name -> (what it compares, a context manager switching it by on[0])
+    "recycled": ("recycled outputs / fresh outputs", _recycled),
+    "linear": ("fastcnn.nn.Linear (prepacked) / nn.Linear", _linear),
+}
+
+
+def _ab(switch: str, model_name: str, batch: int, calls: int) -> dict:
+    model = make_model(model_name, torch.float32, "cpu")
+    x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
+    fused = fastcnn.optimize(model.to(memory_format=torch.channels_last))
+    what, switched = SWITCHES[switch]
+    on = [True]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with switched(on), torch.inference_mode():
+        for _ in range(3):
+            for on[0] in (False, True):
+                fused(x)
+        for _ in range(calls):
+            for on[0] in (False, True):
+                start = time.perf_counter()
+                fused(x)
+                times[on[0]].append((time.perf_counter() - start) * 1e3)
+    off, on_ms = statistics.median(times[False]), statistics.median(times[True])
+    return {"model": model_name, "batch": batch, "switch": what, "off_ms": off, "on_ms": on_ms,
+            "speedup": off / on_ms}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switch", choices=sorted(SWITCHES), required=True)
+    parser.add_argument("--models", default="resnet50,googlenet")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--calls", type=int, default=12, help="timed calls of each, alternating")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("cpu_ab.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = ResultFile(
+        args.out,
+        "cpu_ab",
+        f"{SWITCHES[args.switch][0]}, fastcnn's cpu path",
+        f"float32, 224x224, {args.threads} threads, inference_mode; medians of {args.calls} "
+        "calls of each, alternating in one process",
+    )
+    for model in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = _ab(args.switch, model, batch, args.calls)
+            results.add(row)
+            print(f"{model} b{batch}: off {row['off_ms']:.2f} ms, on {row['on_ms']:.2f} ms, "
+                  f"{row['speedup']:.3f}x", flush=True)  # fmt: skip
+    print(results.finish())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""A fully connected layer on the CPU through oneDNN's inner product with a prepacked weight
+(torch's mkldnn op, what Inductor's CPU freezing path runs): the weight is reordered once per
+batch size into the blocked layout oneDNN picks for it and kept (fastcnn.cpu.onednn's pack
+cache: repacked when the weight changes), where aten's addmm reads the plain weight on every
+call. ResNet-50's classifier (2048 -> 1000) in isolation on the project's AMD EPYC VM: 0.58 ->
+0.17 ms at batch 8; benchmarks/cpu_ab.py --switch linear measures it in the whole model."""
+
+from __future__ import annotations
+
+import torch
+
+from fastcnn.cpu import onednn
+
+_mkldnn = torch.ops.mkldnn
+
+
+def unsupported_reason(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> str | None:
+    """Why the packed path cannot take this call (aten's linear runs then), or None."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return "not fp32 CPU tensors"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return "not a [batch, in_features] input of this layer"
+    if x.shape[0] == 0:
+        return "an empty batch"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "autograd must record it"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    return None
+
+
+def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """weight in oneDNN's blocked layout for inputs of this batch size, packed once per weight
+    version (at most onednn.SHAPES_PER_WEIGHT batch sizes kept per weight)."""
+    return onednn.cached_pack(
+        weight, ("linear", batch), lambda: _mkldnn._reorder_linear_weight(weight.detach(), batch)
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for inputs unsupported_reason accepts: a new [batch, out] tensor."""
+    x = x.contiguous()
+    packed = packed_weight(weight, x.shape[0])
+    return _mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

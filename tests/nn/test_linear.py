@@ -1,0 +1,128 @@
+"""fastcnn.nn.Linear: nn.Linear with a prepacked oneDNN weight for fp32 CPU inference
+(fastcnn/cpu/linear.py), nn.Linear's own path for everything else, swapped in by optimize."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from fastcnn_testing import assert_matches, random_tensor
+from torch import nn
+
+import fastcnn
+from fastcnn.cpu import linear, onednn
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="torch was built without oneDNN"
+)
+
+
+def _layer(bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(37, 23, bias=bias).eval()
+
+
+def _expected(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.double()
+    return F.linear(x.double(), layer.weight.double(), bias)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_matches_nn_linear_through_the_packed_path(batch, bias, mode):
+    ref = _layer(bias)
+    fast = fastcnn.nn.Linear.from_module(ref)
+    x = random_tensor((batch, 37), torch.float32, "cpu", seed=batch)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context, fastcnn.trace() as t:
+        y = fast(x)
+    assert_matches(y, _expected(ref, x), torch.float32)
+    assert [k.kernel for k in t.counts()] == ["onednn_packed"], str(t)
+
+
+def test_shares_the_parameters_and_state_dict_of_nn_linear():
+    ref = _layer()
+    fast = fastcnn.nn.Linear.from_module(ref)
+    assert fast.weight is ref.weight and fast.bias is ref.bias
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    other = fastcnn.nn.Linear(37, 23)
+    other.load_state_dict(ref.state_dict())
+    x = random_tensor((2, 37), torch.float32, "cpu", seed=5)
+    with torch.no_grad():
+        assert_matches(other(x), _expected(ref, x), torch.float32)
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    ref = _layer()
+    fast = fastcnn.nn.Linear.from_module(ref)
+    x = random_tensor((2, 37), torch.float32, "cpu", seed=6)
+    with torch.no_grad():
+        before = fast(x)
+        ref.weight.mul_(-2.0)  # the same tensor, a new version
+        after = fast(x)
+    assert_matches(after, _expected(ref, x), torch.float32)
+    assert not torch.allclose(before, after)
+
+
+def test_each_batch_size_gets_its_own_pack():
+    fast = fastcnn.nn.Linear.from_module(_layer())
+    with torch.no_grad():
+        for batch in (1, 4, 1):
+            x = random_tensor((batch, 37), torch.float32, "cpu", seed=batch + 10)
+            assert_matches(fast(x), _expected(fast, x), torch.float32)
+    entry = onednn._packed[id(fast.weight)]
+    assert set(entry[1]) == {("linear", 1), ("linear", 4)}
+
+
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ("grad", "autograd must record it"),
+        ("float64", "not fp32 CPU tensors"),
+        ("3d", "not a [batch, in_features] input"),
+    ],
+)
+def test_other_calls_take_nn_linears_path_and_say_why(case, why):
+    ref = _layer()
+    fast = fastcnn.nn.Linear.from_module(ref)
+    x = random_tensor((2, 37), torch.float32, "cpu", seed=7)
+    if case == "float64":
+        fast, ref, x = fast.double(), ref.double(), x.double()
+    if case == "3d":
+        x = random_tensor((2, 5, 37), torch.float32, "cpu", seed=8)
+    with fastcnn.trace() as t:
+        y = fast(x)
+    (key,) = t.counts()
+    assert (key.backend, key.kernel) == ("aten", "linear") and why in key.fallback, str(t)
+    torch.testing.assert_close(y, F.linear(x, ref.weight, ref.bias))
+    if case == "grad":  # autograd recorded it: gradients reach the shared weight
+        y.sum().backward()
+        assert ref.weight.grad is not None
+
+
+def test_the_packed_path_refuses_what_it_cannot_take():
+    w = torch.randn(4, 6)
+    assert linear.unsupported_reason(torch.randn(0, 6), w, None) == "an empty batch"
+    assert "in_features" in linear.unsupported_reason(torch.randn(2, 5), w, None)
+
+
+def test_optimize_swaps_the_classifier_in():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=11).eval()
+    fast = fastcnn.optimize(model)
+    assert type(fast.fc) is fastcnn.nn.Linear
+    entries = {e.path: e for e in fastcnn.report(fast).entries}
+    assert entries["fc"].action == "replaced"
+    x = random_tensor((2, 3, 40, 40), torch.float32, "cpu", seed=9)
+    with torch.no_grad(), fastcnn.trace() as t:
+        y = fast(x)
+        expected = model(x)
+    assert any(k.op == "linear" and k.kernel == "onednn_packed" for k in t.counts()), str(t)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fastcnn_models_classify_through_it():
+    model = fastcnn.models.resnet18(num_classes=5).eval()
+    assert type(model.fc) is fastcnn.nn.Linear
