@@ -106,9 +106,11 @@ memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef s
 }
 
 // The packed weight layout for a conv of these shapes: the one oneDNN picks for dense
-// channels_last input and output. oneDNN's choice also depends on the thread count, so a pack
-// carries the id of its layout (layout_id) and a primitive is made for, and keyed by, that
-// exact layout: one packed copy serves a conv whatever its post-ops, strides or threads.
+// channels_last input and output (at the current thread count). A pack carries the id of its
+// layout (layout_id) and a primitive is made for, and keyed by, that exact layout: one packed
+// copy serves a conv whatever its post-ops or strides. oneDNN's choice also depends on the
+// thread count, and a layout packed for another count may have no optimized kernel at this
+// one, so fastcnn.cpu.onednn packs per thread count.
 memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups, memory::data_type type) {
   using tag = memory::format_tag;

@@ -135,9 +135,18 @@ def _direct():
 
 def pack_key(x: torch.Tensor) -> tuple:
     """The key of x's packed weight in the pack cache: the two paths pack apart (torch's
-    packed tensor, or the direct path's bytes), both per input shape."""
+    packed tensor, or the direct path's bytes), both per input shape; the direct path's also
+    per thread count (see _direct_pack_key)."""
     shape = tuple(x.shape)
-    return ("direct", *shape) if direct(x) else shape
+    return _direct_pack_key(shape) if direct(x) else shape
+
+
+def _direct_pack_key(shape: tuple) -> tuple:
+    # oneDNN picks the packed layout for the thread count too, and a layout packed for another
+    # count may have no optimized kernel at this one (GoogLeNet packed at 2 threads and run at
+    # 1: two convs fell back to torch's path for good): a new count packs anew. Read per call,
+    # as torch.set_num_threads may change between calls of one plan.
+    return ("direct", torch.get_num_threads(), *shape)
 
 
 def direct(x: torch.Tensor) -> bool:
@@ -157,14 +166,14 @@ def packer(x, stride, padding, groups=1):
     """pack(weight) -> (packed bytes, layout id): the direct path's packed copy of a weight
     for convs of inputs with x's metadata, made once per weight version (PackCache)."""
     pack_weight = _direct().onednn_conv_pack
-    shape, key = tuple(x.shape), pack_key(x)
+    shape = tuple(x.shape)
     stride, padding = tuple(stride), tuple(padding)
 
     def pack(weight):
         return _cache.get(
             weight,
             signature(weight),
-            key,
+            _direct_pack_key(shape),
             lambda: pack_weight(weight, shape, stride, padding, groups),
         )
 

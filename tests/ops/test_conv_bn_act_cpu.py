@@ -64,6 +64,39 @@ def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
     assert kept == keys[-onednn.SHAPES_PER_WEIGHT :]
 
 
+class _NoTorchPath:
+    def __getattr__(self, name):
+        raise AssertionError(f"torch's mkldnn.{name} ran: the direct path fell back")
+
+
+def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch):
+    """oneDNN picks the packed layout for the thread count too; a pack made at another count
+    may have no optimized kernel (GoogLeNet packed at 2 threads and run at 1 once fell back to
+    torch's path for two convs for good): each count gets its own pack, planned calls too."""
+    if not onednn.direct(torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last)):
+        pytest.skip("the extension was built without the oneDNN library: no direct path")
+    x, weight, bias = random_conv_inputs(32, 64, 3, 14, 14, torch.float32, "cpu", batch=1)
+    module = fastcnn.nn.ConvBNAct(32, 64, 3, padding=1, backend="cpu")
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    expected = conv_reference64(x, weight, bias, 1, 1)
+    monkeypatch.setattr(onednn, "_mkldnn", _NoTorchPath())  # a fallback fails the test
+    before = torch.get_num_threads()
+    keys = []
+    try:
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                for _ in range(2):  # the second call is a planned one
+                    assert_matches(module(x), expected, torch.float32)
+            keys.append(onednn.pack_key(x))
+    finally:
+        torch.set_num_threads(before)
+    assert keys[0] == keys[2] != keys[1]
+    assert set(onednn._packed[id(module.weight)][1]) == {keys[0], keys[1]}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_reduced_precision_runs_onednn_where_this_cpu_has_it(dtype):
     """bf16/fp16 through oneDNN on a CPU that has them (AVX-512 bf16/fp16, AMX); elsewhere the
