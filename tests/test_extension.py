@@ -124,5 +124,6 @@ def test_every_source_file_ships_in_the_package():
     patterns = ast.literal_eval(data)["fastcnn.csrc"]
     csrc = root / "csrc"
     shipped = {p for pattern in patterns for p in csrc.glob(pattern)}
-    every = {p for p in csrc.rglob("*") if p.is_file()}
+    # the sources and headers (not an editor's backup or a build's leftovers)
+    every = {p for p in csrc.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")}
     assert every - shipped == set(), sorted(str(p.relative_to(csrc)) for p in every - shipped)

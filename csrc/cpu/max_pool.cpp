@@ -127,6 +127,13 @@ void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArra
               "fastcnn_ext::max_pool2d_out: out must be channels_last (or a channel slice of one)");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "fastcnn_ext::max_pool2d_out: kernel, stride and padding are pairs");
+  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              "fastcnn_ext::max_pool2d_out: kernel and stride >= 1, padding >= 0 expected");
+  // every window must overlap the input (a larger out would get -inf rows)
+  TORCH_CHECK((ho - 1) * stride[0] - padding[0] < x.size(2) &&
+                  (wo - 1) * stride[1] - padding[1] < x.size(3),
+              "fastcnn_ext::max_pool2d_out: out ", out.sizes(), " has windows past x ", x.sizes());
   if (out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kHalf, at::kBFloat16, at::kByte, x.scalar_type(), "max_pool_cpu", [&] {

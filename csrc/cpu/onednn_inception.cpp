@@ -49,12 +49,18 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
                   biases.size() == n && widths.size() == 3 && pool >= 1 && pool % 2 == 1,
               "fastcnn onednn_inception: 4 (merged) or 6 (separate) convs with their layouts, "
               "weight sizes and biases, 3 widths and an odd pool window expected");
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "fastcnn onednn_inception: x must be a 4-D channels_last tensor");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  x.scalar_type() == at::kFloat,
+              "fastcnn onednn_inception: x must be a 4-D channels_last fp32 tensor");
   for (const auto& w : w_sizes) {
-    TORCH_CHECK(w.size() == 4 && w[2] == w[3] && w[2] % 2 == 1,
+    TORCH_CHECK(w.size() == 4 && w[0] >= 1 && w[2] == w[3] && w[2] % 2 == 1,
                 "fastcnn onednn_inception: square odd kernels expected");
   }
+  // the intermediates are sized from these: a wrong width would write past them
+  TORCH_CHECK(widths[0] >= 0 && widths[1] >= 0 && widths[2] >= 0 &&
+                  (n == 6 || widths[0] + widths[1] + widths[2] == w_sizes[0][0]),
+              "fastcnn onednn_inception: widths ", widths,
+              " must be >= 0 and (merged) add up to the reduce conv's outputs");
   int64_t channels = 0;
   for (size_t i : n == 4 ? std::vector<size_t>{1, 2, 3} : std::vector<size_t>{0, 2, 4, 5}) {
     channels += w_sizes[i][0];
@@ -98,12 +104,16 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
                        {pad, pad}, 1, true);
     return y;
   };
-  auto pooled = [&]() {
+  auto pooled = [&]() -> at::Tensor {
+    if (!done) return {};
     auto p = take(x.size(1));  // stride 1, padding pool / 2, pool odd: the input's size
     max_pool2d_out_cpu(x, {pool, pool}, {1, 1}, {pool / 2, pool / 2}, p);
     return p;
   };
-  auto dense_copy = [&](const at::Tensor& slice) { return take(slice.size(1)).copy_(slice); };
+  auto dense_copy = [&](const at::Tensor& slice) -> at::Tensor {
+    if (!done) return {};  // a conv had no kernel: nothing more is computed
+    return take(slice.size(1)).copy_(slice);
+  };
   std::vector<at::Tensor> ys;
   if (n == 4) {  // merged: one 1x1 over x, branches 2 and 3 read dense copies of its slices
     const int64_t c1 = widths[0], c2r = widths[1], c3r = widths[2];

@@ -25,12 +25,16 @@ def unsupported_reason(
         return "not fp32 CPU tensors"
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return "not a [batch, in_features] input of this layer"
+    if bias is not None and bias.shape != weight.shape[:1]:
+        return "a bias aten broadcasts (not one value per output feature)"
     if x.shape[0] == 0:
         return "an empty batch"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "autograd must record it"
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast picks the dtype"
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "a compiler or tracer is recording it"
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN"
     return None
@@ -47,5 +51,6 @@ def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias for inputs unsupported_reason accepts: a new [batch, out] tensor."""
     x = x.contiguous()
+    bias = bias if bias is None else bias.contiguous()  # oneDNN reads it as a dense vector
     packed = packed_weight(weight, x.shape[0])
     return _mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -170,9 +170,8 @@ def packer(x, stride, padding, groups=1):
     stride, padding = tuple(stride), tuple(padding)
 
     def pack(weight):
-        return _cache.get(
+        return cached_pack(
             weight,
-            signature(weight),
             _direct_pack_key(shape),
             lambda: pack_weight(weight, shape, stride, padding, groups),
         )

@@ -17,11 +17,11 @@ class Linear(nn.Linear):
 
     @classmethod
     def from_module(cls, m: nn.Linear) -> Linear:
-        """A Linear on m's own parameters (shared, not copied)."""
+        """A Linear that is m in all but its class: the same parameters (shared, not copied),
+        buffers, hooks and mode."""
         new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = m.in_features, m.out_features
-        new.weight, new.bias = m.weight, m.bias
+        # each of nn.Module's dicts (parameters, buffers, hooks, ...) copied, their values shared
+        new.__dict__ = {k: v.copy() if isinstance(v, dict) else v for k, v in m.__dict__.items()}
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,5 +30,7 @@ class Linear(nn.Linear):
         if why is None:
             _trace.record("linear", "cpu", "onednn_packed")
             return linear.linear(x, weight, bias)
-        _trace.record("linear", "aten", "linear", why if x.device.type == "cpu" else None)
+        # a fallback only where the packed path was the point: fp32 on the CPU
+        expected = x.device.type == "cpu" and x.dtype == torch.float32
+        _trace.record("linear", "aten", "linear", why if expected else None)
         return super().forward(x)

@@ -12,14 +12,19 @@ from fastcnn.cpu.plan import Plans
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """A drop-in nn.MaxPool2d (same arguments, no state). fastcnn.optimize swaps it in for square
-    nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it. On the
-    extension's path it writes into its last output at the input's shape once nothing holds
-    that any more (fastcnn.ops._alloc.Recycled; at most MAX_PLANS shapes kept)."""
+    """A drop-in nn.MaxPool2d (same arguments, no parameters). fastcnn.optimize swaps it in for
+    square nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it.
+    On the extension's path it writes into its last output at the input's shape once nothing
+    holds that any more (fastcnn.ops._alloc.Recycled; at most MAX_PLANS shapes kept)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._outputs = Plans()  # input shape -> Recycled output; bounded, not in state_dict
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_outputs" not in self.__dict__:  # pickled by a fastcnn before it kept outputs
+            self._outputs = Plans()
 
     @classmethod
     def from_module(cls, m: nn.MaxPool2d) -> MaxPool2d:

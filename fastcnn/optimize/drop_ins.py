@@ -16,10 +16,16 @@ def _max_pool(m: nn.MaxPool2d) -> MaxPool2d | None:
     return MaxPool2d.from_module(m) if MaxPool2d.unsupported_reason(m) is None else None
 
 
+def _linear(m: nn.Linear) -> Linear | None:
+    # a weight that is not a Parameter is recomputed every call (weight_norm and the like):
+    # it would be packed again every call, so that layer stays nn.Linear
+    return Linear.from_module(m) if isinstance(m.weight, nn.Parameter) else None
+
+
 # exact type -> (the drop-in for a module, or None where it cannot take it; the report's why)
 _DROP_INS = {
-    nn.MaxPool2d: (_max_pool, "CPU channels_last: no indices"),
-    nn.Linear: (Linear.from_module, "fp32 CPU: prepacked oneDNN weight"),
+    nn.MaxPool2d: (_max_pool, "the same layer; CPU channels_last: no indices"),
+    nn.Linear: (_linear, "the same layer; fp32 CPU inference with a prepacked oneDNN weight"),
 }
 
 

@@ -187,10 +187,11 @@ def test_blocks_of_other_sizes_share_the_kept_intermediates_safely(variant, monk
         torch.testing.assert_close(y.double(), _expected(small, x_small), rtol=1e-5, atol=1e-5)
 
 
-def test_threads_running_blocks_at_once_each_get_their_own_intermediates(monkeypatch):
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_threads_running_blocks_at_once_each_get_their_own_intermediates(variant, monkeypatch):
     """Two threads, each looping over its own input through one block at the same time: every
     output right (a shared intermediates buffer would mix their branches)."""
-    fused, _, _ = _planned("separate", (2, 19, 9, 8), 13, monkeypatch)
+    fused, _, _ = _planned(variant, (2, 19, 9, 8), 13, monkeypatch)
     inputs = [random_tensor((2, 19, 9, 8), torch.float32, "cpu", channels_last=True, seed=s)
               for s in (14, 15)]  # fmt: skip
     expected = [_expected(fused, x) for x in inputs]
@@ -207,3 +208,16 @@ def test_threads_running_blocks_at_once_each_get_their_own_intermediates(monkeyp
     for t in threads:
         t.join()
     assert len(errors) == 60 and max(errors) < 1e-4, max(errors)
+
+
+@pytest.mark.parametrize("widths", [(2, 3, 4), (-1, 5, 4)])
+def test_the_block_call_refuses_widths_that_do_not_fit_the_reduce_conv(widths):
+    """The intermediates are sized from the widths: ones that do not add up to the merged
+    reduce conv's outputs (or are negative) are refused before anything is written."""
+    x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
+    packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
+                                           (0, 0), 1)  # fmt: skip
+    bias, out = torch.randn(8), torch.empty(1, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="add up to the reduce conv"):
+        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 1, 1)] * 4, [bias] * 4,
+                              widths, 3, out)  # fmt: skip

@@ -121,3 +121,22 @@ def test_module_writes_into_its_last_output_once_nothing_holds_it():
         assert torch.equal(first, expected[0])
         other = fast(torch.randn(1, 13, 9, 9).contiguous(memory_format=torch.channels_last))
     assert other.shape == (1, 13, 4, 4) and len(fast._outputs) == 2  # one output per shape
+
+
+def test_a_pool_pickled_before_it_kept_outputs_still_runs():
+    import io
+    import pickle
+
+    fast = fastcnn.nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    del fast.__dict__["_outputs"]  # as a fastcnn before this change pickled it
+    loaded = pickle.load(io.BytesIO(pickle.dumps(fast)))
+    x = torch.randn(1, 5, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), F.max_pool2d(x, 3, 2, ceil_mode=True))
+
+
+def test_the_kernel_refuses_an_output_with_windows_past_the_input():
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(1, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="windows past x"):
+        _extension.ops().max_pool2d_out(x, [3, 3], [1, 1], [1, 1], out)
