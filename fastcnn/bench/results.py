@@ -130,6 +130,14 @@ COLUMNS = {
         ("recycled outputs ms", "{recycled_ms:.2f}"),
         ("speedup", "{speedup:.3f}x"),
     ],
+    "inception_overhead": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("blocks", "{blocks}"),
+        ("block calls ms", "{block_ms:.2f}"),
+        ("their convs alone ms", "{conv_ms:.2f}"),
+        ("overhead ms", "{overhead_ms:.2f}"),
+    ],
     "cpu_ab": [
         ("model", "{model}"),
         ("batch", "{batch}"),
