@@ -4,6 +4,8 @@ layer that 8 bits cannot hold, the report, state_dict round trips, torch.compile
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torchvision
@@ -111,16 +113,19 @@ def test_state_dict_round_trips(resnet):
 def test_torch_compile_and_export_trace_the_int8_ops(resnet):
     _, q = resnet
     x = _cl(_batches(1, 32, 5)[0])
+    # the int8 layers are bit-exact; the fp32 classifier runs oneDNN with a packed weight
+    # eagerly and aten's linear when traced (fastcnn.nn.Linear): fp32 rounding apart
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         expected = q(x)
         torch._dynamo.reset()
         compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
-        assert torch.equal(compiled(x), expected)
+        close(compiled(x), expected)
     exported = torch.export.export(q, (x,))
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert sum("fastcnn.qconv_bn_act" in t for t in targets) == 20
     with torch.no_grad():
-        assert torch.equal(exported.module()(x), expected)
+        close(exported.module()(x), expected)
 
 
 def test_triton_and_eager_backends_agree_with_the_cpu_kernels():
