@@ -4,8 +4,10 @@
 // a pack lookup, an output allocation and a pybind call, and the pool and concat their own
 // dispatches: ~0.1 ms of host time a block at batch 1, about a tenth of a batch-1 block's
 // convolution time. The intermediates (branch outputs, the pool's output, merged slices) live
-// in this thread's kept buffer (common/thread_buffer.h): the same warm memory for every block
-// and call, where a fresh allocation each was cold (GoogLeNet batch 8: ~5% of a forward).
+// in this thread's kept buffer (common/thread_buffer.h): the same memory for every block and
+// call instead of an allocation each (GoogLeNet's block calls replayed back to back at batch 8:
+// 20 -> 8 ms beyond their convs, benchmarks/cpu_inception_overhead.py; the whole model: within
+// the benchmark VM's noise).
 // fastcnn.cpu.inception looks the packed weights up (per weight version) and calls this with
 // them; the structures are those of fastcnn/cpu/inception.py:
 //   merged:   [merged 1x1 reduce, kxk of branch 2, kxk of branch 3, 1x1 after the pool]
