@@ -130,8 +130,7 @@ def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_stride
 
     def packer(c: int, weight_shape):
         k = weight_shape[-1]
-        example = torch.empty((n, c, h, w), dtype=x.dtype, memory_format=cl)
-        return onednn.packer(example, (1, 1), (k // 2, k // 2))
+        return onednn.packer((n, c, h, w), (1, 1), (k // 2, k // 2))
 
     reduces = [(c1, c_in, 1, 1), (c2r, c_in, 1, 1), (c3r, c_in, 1, 1)]
     w_sizes = {  # each structure's convs in the C++ call's order

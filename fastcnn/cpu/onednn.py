@@ -162,11 +162,12 @@ def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None,
     return residual.contiguous(memory_format=torch.channels_last), False
 
 
-def packer(x, stride, padding, groups=1):
+def packer(input_shape, stride, padding, groups=1):
     """pack(weight) -> (packed bytes, layout id): the direct path's packed copy of a weight
-    for convs of inputs with x's metadata, made once per weight version (PackCache)."""
+    for convs of (fp32, channels_last) inputs of input_shape, made once per weight version
+    (PackCache)."""
     pack_weight = _direct().onednn_conv_pack
-    shape = tuple(x.shape)
+    shape = tuple(input_shape)
     stride, padding = tuple(stride), tuple(padding)
 
     def pack(weight):
@@ -185,7 +186,7 @@ def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, re
     new tensor of out_shape/out_strides; with recycle, the last one's memory where nothing else
     holds it: _alloc.Recycled) or the residual (in place). Per call only the weight's pack
     lookup, the output allocation and the C++ call."""
-    conv, pack = _direct().onednn_conv, packer(x, stride, padding, groups)
+    conv, pack = _direct().onednn_conv, packer(x.shape, stride, padding, groups)
     w_shape, stride, padding = tuple(weight.shape), tuple(stride), tuple(padding)
     out_shape, out_strides = tuple(out_shape), tuple(out_strides)
     recycled = _alloc.Recycled(out_shape, out_strides) if recycle else None
