@@ -129,18 +129,22 @@ def test_inputs_the_direct_path_does_not_take_keep_the_op():
         torch.testing.assert_close(y.double(), _expected(fused, x), rtol=1e-5, atol=1e-5)
 
 
-def test_the_block_call_refuses_a_structure_it_does_not_know():
+def _uniform_block_call(convs: int, w_size, widths, pool: int):
+    """onednn_inception on a 1x8x5x5 x with `convs` copies of one 8 -> 8 1x1 conv, claimed to
+    be of w_size, with these widths and pool window (for the calls it must refuse)."""
     x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
-    out = torch.empty(1, 8, 5, 5)
     packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
                                            (0, 0), 1)  # fmt: skip
-    bias = torch.randn(8)
+    bias, out = torch.randn(8), torch.empty(1, 8, 5, 5)
+    _ext.onednn_inception(x, [packed] * convs, [layout] * convs, [w_size] * convs,
+                          [bias] * convs, widths, pool, out)  # fmt: skip
+
+
+def test_the_block_call_refuses_a_structure_it_does_not_know():
     with pytest.raises(RuntimeError, match="4 \\(merged\\) or 6 \\(separate\\) convs"):
-        _ext.onednn_inception(x, [packed] * 5, [layout] * 5, [(8, 8, 1, 1)] * 5, [bias] * 5,
-                              (2, 3, 3), 3, out)  # fmt: skip
+        _uniform_block_call(5, (8, 8, 1, 1), (2, 3, 3), 3)
     with pytest.raises(RuntimeError, match="square odd kernels"):
-        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 2, 2)] * 4, [bias] * 4,
-                              (2, 3, 3), 3, out)  # fmt: skip
+        _uniform_block_call(4, (8, 8, 2, 2), (2, 3, 3), 3)
 
 
 def test_the_block_call_refuses_an_output_of_another_size():
@@ -159,13 +163,8 @@ def test_the_block_call_refuses_an_output_of_another_size():
 
 
 def test_the_block_call_refuses_an_even_pool():
-    x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
-    packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
-                                           (0, 0), 1)  # fmt: skip
-    bias, out = torch.randn(8), torch.empty(1, 8, 5, 5)
     with pytest.raises(RuntimeError, match="odd pool window"):
-        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 1, 1)] * 4, [bias] * 4,
-                              (2, 3, 3), 2, out)  # fmt: skip
+        _uniform_block_call(4, (8, 8, 1, 1), (2, 3, 3), 2)
 
 
 @pytest.mark.parametrize("variant", inception.VARIANTS)
@@ -214,10 +213,5 @@ def test_threads_running_blocks_at_once_each_get_their_own_intermediates(variant
 def test_the_block_call_refuses_widths_that_do_not_fit_the_reduce_conv(widths):
     """The intermediates are sized from the widths: ones that do not add up to the merged
     reduce conv's outputs (or are negative) are refused before anything is written."""
-    x = random_tensor((1, 8, 5, 5), torch.float32, "cpu", channels_last=True, seed=8)
-    packed, layout = _ext.onednn_conv_pack(torch.randn(8, 8, 1, 1), (1, 8, 5, 5), (1, 1),
-                                           (0, 0), 1)  # fmt: skip
-    bias, out = torch.randn(8), torch.empty(1, 8, 5, 5)
     with pytest.raises(RuntimeError, match="add up to the reduce conv"):
-        _ext.onednn_inception(x, [packed] * 4, [layout] * 4, [(8, 8, 1, 1)] * 4, [bias] * 4,
-                              widths, 3, out)  # fmt: skip
+        _uniform_block_call(4, (8, 8, 1, 1), widths, 3)
