@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 import fastcnn
 from fastcnn.bench.measure import model_input
 from fastcnn.bench.providers import make_model
-from fastcnn.bench.results import ResultFile
+from fastcnn.bench.results import ResultFile, time_samples
 from fastcnn.ops import _alloc
 
 
@@ -72,17 +71,17 @@ def _ab(switch: str, model_name: str, batch: int, calls: int) -> dict:
     fused = fastcnn.optimize(model.to(memory_format=torch.channels_last))
     what, switched = SWITCHES[switch]
     on = [True]
-    times: dict[bool, list[float]] = {True: [], False: []}
+
+    def forward(state: bool):
+        def call():
+            on[0] = state
+            fused(x)
+
+        return call
+
     with switched(on), torch.inference_mode():
-        for _ in range(3):
-            for on[0] in (False, True):
-                fused(x)
-        for _ in range(calls):
-            for on[0] in (False, True):
-                start = time.perf_counter()
-                fused(x)
-                times[on[0]].append((time.perf_counter() - start) * 1e3)
-    off, on_ms = statistics.median(times[False]), statistics.median(times[True])
+        times = time_samples({"off": forward(False), "on": forward(True)}, calls)
+    off, on_ms = statistics.median(times["off"]), statistics.median(times["on"])
     return {"model": model_name, "batch": batch, "switch": what, "off_ms": off, "on_ms": on_ms,
             "speedup": off / on_ms}  # fmt: skip
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch
 import fastcnn
 from fastcnn.bench.measure import model_input
 from fastcnn.bench.providers import make_model
-from fastcnn.bench.results import ResultFile
+from fastcnn.bench.results import ResultFile, time_samples
 from fastcnn.cpu import onednn
 
 
@@ -88,14 +87,7 @@ def measure(batch: int, calls: int) -> dict:
             for args in blocks:
                 ext.onednn_inception(*args)
 
-        times: dict[str, list[float]] = {"blocks": [], "convs": []}
-        for _ in range(3):
-            as_model(), convs()
-        for _ in range(calls):
-            for name, fn in (("blocks", as_model), ("convs", convs)):
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        times = time_samples({"blocks": as_model, "convs": convs}, calls)
     block_ms, conv_ms = (statistics.median(times[k]) for k in ("blocks", "convs"))
     return {"model": "googlenet", "batch": batch, "blocks": len(blocks), "block_ms": block_ms,
             "conv_ms": conv_ms, "overhead_ms": block_ms - conv_ms}  # fmt: skip
