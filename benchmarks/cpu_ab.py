@@ -5,6 +5,8 @@ alike (separate processes on a shared VM differ by up to 20%).
   recycled  planned outputs reuse their last memory (fastcnn.ops._alloc.Recycled: convs,
             Inception blocks, max-pools) / off: a fresh output every call
   linear    fastcnn.nn.Linear (oneDNN, prepacked weight) / off: nn.Linear's forward (aten)
+  winograd  3x3 convs as Winograd F(4x4, 3x3) where fastcnn.cpu.winograd chooses it / off:
+            every conv through oneDNN's direct kernels
 
     python benchmarks/cpu_ab.py --switch linear --out benchmarks/results/DIR/cpu_ab_linear.json
 
@@ -26,6 +28,7 @@ import fastcnn
 from fastcnn.bench.measure import model_input
 from fastcnn.bench.providers import make_model
 from fastcnn.bench.results import ResultFile, time_samples
+from fastcnn.cpu import winograd
 from fastcnn.ops import _alloc
 
 
@@ -59,9 +62,21 @@ def _linear(on: list[bool]) -> Iterator[None]:
         fastcnn.nn.Linear.forward = packed_forward
 
 
+@contextlib.contextmanager
+def _winograd(on: list[bool]) -> Iterator[None]:
+    enabled = winograd.enabled  # read per call by the pack lookup (its key) and the choice
+
+    winograd.enabled = lambda: on[0]
+    try:
+        yield
+    finally:
+        winograd.enabled = enabled
+
+
 SWITCHES = {  # name -> (what it compares, a context manager switching it by on[0])
     "recycled": ("recycled outputs / fresh outputs", _recycled),
     "linear": ("fastcnn.nn.Linear (prepacked) / nn.Linear", _linear),
+    "winograd": ("Winograd F(4x4, 3x3) / oneDNN direct 3x3 convs", _winograd),
 }
 
 

@@ -16,7 +16,7 @@ std::vector<int64_t> take_conv_paths();  // cuda/conv_bn_act.cu
 // cpu/onednn_conv.cpp
 std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                                 int64_t groups);
+                                                 int64_t groups, bool winograd);
 bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
                  at::IntArrayRef w, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
@@ -87,7 +87,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // fastcnn.cpu.onednn's direct oneDNN convolutions (cpu/onednn_conv.cpp); absent without
   // the oneDNN library, which fastcnn.cpu.onednn notices.
   // Without the GIL while oneDNN runs, as torch's own ops: serving threads overlap.
-  m.def("onednn_conv_pack", &fastcnn::onednn_conv_pack,
+  m.def("onednn_conv_pack", &fastcnn::onednn_conv_pack, pybind11::arg("weight"),
+        pybind11::arg("x_sizes"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("groups"), pybind11::arg("winograd") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);

@@ -158,10 +158,32 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
-def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> None:
-    """actual (dtype) against a float64 reference, with the table's tolerance. NaN never passes
-    unless the reference has NaN at the same place."""
+# Winograd F(4x4, 3x3) ("cpu:winograd", fastcnn.cpu.winograd) is fp32 with a larger error: its
+# transforms' coefficients (up to 5 and 8) grow the roundings to ~10x direct's, spread over each
+# 4x4 tile, so it is compared relative to the outputs' scale (max |y|, at least 1). Measured:
+# 2-4e-6 of the scale at C <= 64 (the tests' sizes), 1.5e-5 at C = 512 (ResNet-50's widest).
+# A wrong tile, channel or coefficient misses it by orders of magnitude.
+WINOGRAD_RTOL = 2e-5
+
+
+def assert_winograd_close(actual: torch.Tensor, expected64: torch.Tensor) -> None:
+    assert actual.dtype == torch.float32 and actual.shape == expected64.shape
+    assert not torch.isnan(actual).any(), "NaN in the output (an element left unwritten?)"
+    scale = max(expected64.abs().max().item(), 1.0)
+    err = (actual.double() - expected64).abs().max().item()
+    assert err <= WINOGRAD_RTOL * scale, f"max error {err:.3g} at scale {scale:.3g}"
+
+
+def assert_matches(
+    actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype, kernels=()
+) -> None:
+    """actual (dtype) against a float64 reference, with the table's tolerance (Winograd's where
+    `kernels`, what fastcnn.trace recorded, include Winograd convs). NaN never passes unless the
+    reference has NaN at the same place."""
     assert actual.dtype == dtype, f"dtype {actual.dtype}, expected {dtype}"
+    if any(k == "cpu:winograd" or "winograd 3x3s" in k for k in kernels):
+        assert_winograd_close(actual, expected64)
+        return
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(
         actual.double(), expected64, rtol=rtol, atol=atol, equal_nan=True, check_stride=False
@@ -261,12 +283,17 @@ def conv_reference64(
 # extension's CUDA conv picks cuBLASLt (1x1, stride 1, NHWC) or cuDNN + an epilogue pass.
 OWN_KERNELS = {
     ("conv_bn_act", "triton"): {"implicit_gemm"},
-    ("conv_bn_act", "cpu"): {"onednn"},
+    # oneDNN's direct kernels, or Winograd for the 3x3 convs fastcnn.cpu.winograd chooses
+    ("conv_bn_act", "cpu"): {"onednn", "winograd"},
     ("conv_bn_act", "cuda"): {"cublaslt", "cudnn+epilogue"},
     ("conv_bn_act", "eager"): {"reference"},
     ("inception", "triton"): {"4 implicit_gemm launches"},
     # the structure timed faster here (fastcnn/cpu/inception.py)
-    ("inception", "cpu"): {"onednn+cat (merged 1x1s)", "onednn+cat (separate 1x1s)"},
+    ("inception", "cpu"): {
+        f"onednn+cat ({variant} 1x1s{winograd})"
+        for variant in ("merged", "separate")
+        for winograd in ("", ", winograd 3x3s")
+    },
     # the extension's block: three 1x1 convs and the pool's 1x1 as cuBLASLt GEMMs, the two kxk
     # convs through cuDNN + epilogue (fastcnn/ops/_extension_paths.py)
     ("inception", "cuda"): {"4 cublaslt + 2 cudnn+epilogue"},

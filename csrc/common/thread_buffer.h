@@ -11,7 +11,7 @@
 
 namespace fastcnn {
 
-enum class ThreadBuffer { kOnednnScratchpad, kInceptionIntermediates };
+enum class ThreadBuffer { kOnednnScratchpad, kInceptionIntermediates, kWinograd };
 
 // At least `bytes` of this thread's Slot buffer, 64-byte aligned (a cache line, and what
 // oneDNN asks of its buffers). Valid until the next call for the same Slot on this thread.

@@ -21,21 +21,14 @@
 #include <vector>
 
 #include "../common/thread_buffer.h"
+#include "onednn_common.h"
+#include "winograd_conv.h"
 
 namespace fastcnn {
 namespace {
 
 using dnnl::memory;
-using Key = std::vector<int64_t>;
-
-struct KeyHash {
-  size_t operator()(const Key& key) const {
-    size_t h = key.size();
-    for (int64_t v : key)
-      h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-    return h;
-  }
-};
+using Key = OnednnKey;
 
 // A cached primitive; prim is null where oneDNN offers no optimized kernel for the layout
 // (the caller then takes torch's path, which copies to a dense layout first).
@@ -49,15 +42,8 @@ struct Conv {
 // Past the bound the map is emptied (and refilled by the shapes still in use).
 constexpr size_t kMaxPrimitives = 2048;
 
-dnnl::engine& engine() {
-  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
-  return eng;
-}
-
-dnnl::stream& thread_stream() {  // streams are not shared between threads
-  thread_local dnnl::stream stream(engine());
-  return stream;
-}
+dnnl::engine& engine() { return onednn_engine(); }
+dnnl::stream& thread_stream() { return onednn_thread_stream(); }
 
 memory::data_type data_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -130,7 +116,7 @@ bool optimized(const std::string& impl) {
 }
 
 std::mutex cache_mutex;
-std::unordered_map<Key, std::shared_ptr<const Conv>, KeyHash> cache;
+std::unordered_map<Key, std::shared_ptr<const Conv>, OnednnKeyHash> cache;
 
 // Every packed weight layout seen, by id (the index): a handful per model, never removed, so an
 // id stays valid for the life of the process.
@@ -244,12 +230,19 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::I
 }  // namespace
 
 // weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see
-// packed_weight_desc): (the bytes, the layout's id for onednn_conv).
+// packed_weight_desc): (the bytes, the layout's id for onednn_conv). With winograd, transformed
+// for winograd_conv.cpp instead (layout id kWinogradLayout).
 std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                                 int64_t groups) {
+                                                 int64_t groups, bool winograd) {
   TORCH_CHECK(weight.dim() == 4 && x_sizes.size() == 4 && !weight.is_cuda(),
               "fastcnn onednn_conv_pack: a 4-D CPU weight and input sizes expected");
+  if (winograd) {
+    TORCH_CHECK(
+        winograd_applies(weight.sizes(), stride, padding, groups, weight.scalar_type()),
+        "fastcnn onednn_conv_pack: Winograd takes fp32 3x3 convs of stride 1, padding 1, 1 group");
+    return {winograd_pack(weight, x_sizes), kWinogradLayout};
+  }
   const auto type = data_type(weight);
   auto packed_desc = packed_weight_desc(x_sizes, weight.sizes(), stride, padding, groups, type);
   auto packed =
@@ -265,12 +258,18 @@ std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::I
 // out = relu?(conv2d(x, weight) + bias + residual) with weight packed by onednn_conv_pack for
 // x's sizes (packed_weight and packed_layout: what it returned). Returns false, writing
 // nothing, where oneDNN has no optimized kernel for these strides (the caller then takes
-// another path). residual may be out itself (a sum post-op).
+// another path). residual may be out itself (a sum post-op). A Winograd pack runs in
+// winograd_conv.cpp.
 bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
                  at::IntArrayRef w, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
                  at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu) {
   check_conv_args(x, packed_weight, w, bias, residual, out, stride, padding, groups);
+  if (packed_layout == kWinogradLayout) {
+    TORCH_CHECK(winograd_applies(w, stride, padding, groups, x.scalar_type()),
+                "fastcnn onednn_conv: a Winograd pack for a conv Winograd does not take");
+    return winograd_conv(x, packed_weight, w, bias, residual, out, relu);
+  }
   Key key;
   key.reserve(40);
   key.push_back(static_cast<int64_t>(x.scalar_type()));

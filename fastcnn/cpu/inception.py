@@ -95,6 +95,17 @@ def _choose(run) -> str:
     return min(VARIANTS, key=best.__getitem__)
 
 
+def winograd_kxk(x, widths, w2, w3) -> bool:
+    """Does one of the block's kxk convs run as Winograd (fastcnn.cpu.winograd) for x?"""
+    if not onednn.direct(x):
+        return False
+    n, _, h, w = x.shape
+    kxk = ((widths[1], w2), (widths[2], w3))
+    return any(
+        onednn.uses_winograd((n, c, h, w), wt, (1, 1), (wt.shape[-1] // 2,) * 2, 1) for c, wt in kxk
+    )
+
+
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
     """(the four branch outputs of fastcnn.ops.inception through oneDNN, the variant run)."""
     _, parts, chosen = _block(rw, rb, widths)

@@ -23,6 +23,7 @@ import weakref
 import torch
 
 from fastcnn import _backend, _extension
+from fastcnn.cpu import winograd
 from fastcnn.ops import _alloc
 from fastcnn.ops.conv_bn_act import output_shape
 
@@ -145,8 +146,14 @@ def _direct_pack_key(shape: tuple) -> tuple:
     # oneDNN picks the packed layout for the thread count too, and a layout packed for another
     # count may have no optimized kernel at this one (GoogLeNet packed at 2 threads and run at
     # 1: two convs fell back to torch's path for good): a new count packs anew. Read per call,
-    # as torch.set_num_threads may change between calls of one plan.
-    return ("direct", torch.get_num_threads(), *shape)
+    # as torch.set_num_threads may change between calls of one plan. Winograd's switch too: a
+    # conv packed for it (see packer) is packed anew when it is turned off, and back.
+    return ("direct", torch.get_num_threads(), winograd.enabled(), *shape)
+
+
+def uses_winograd(input_shape, weight, stride, padding, groups) -> bool:
+    """Does the direct path run this conv as Winograd (fastcnn.cpu.winograd)?"""
+    return winograd.chosen(input_shape, weight.shape, stride, padding, groups, weight.dtype)
 
 
 def direct(x: torch.Tensor) -> bool:
@@ -165,7 +172,7 @@ def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None,
 def packer(input_shape, stride, padding, groups=1):
     """pack(weight) -> (packed bytes, layout id): the direct path's packed copy of a weight
     for convs of (fp32, channels_last) inputs of input_shape, made once per weight version
-    (PackCache)."""
+    (PackCache): transformed for Winograd where fastcnn.cpu.winograd chooses it."""
     pack_weight = _direct().onednn_conv_pack
     shape = tuple(input_shape)
     stride, padding = tuple(stride), tuple(padding)
@@ -174,7 +181,14 @@ def packer(input_shape, stride, padding, groups=1):
         return cached_pack(
             weight,
             _direct_pack_key(shape),
-            lambda: pack_weight(weight, shape, stride, padding, groups),
+            lambda: pack_weight(
+                weight,
+                shape,
+                stride,
+                padding,
+                groups,
+                uses_winograd(shape, weight, stride, padding, groups),
+            ),
         )
 
     return pack

@@ -83,7 +83,8 @@ def _cpu_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
         _trace.record(_OP, "cpu", "reference", why)
         return _reference(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out)
     branches, variant = inception.branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
-    _trace.record(_OP, "cpu", f"onednn+cat ({variant} 1x1s)")
+    winograd = ", winograd 3x3s" if inception.winograd_kxk(x, widths, w2, w3) else ""
+    _trace.record(_OP, "cpu", f"onednn+cat ({variant} 1x1s{winograd})")
     if out is None:
         out = _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
     return torch.cat(branches, 1, out=out)

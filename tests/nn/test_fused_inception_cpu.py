@@ -8,12 +8,17 @@ import gc
 
 import pytest
 import torch
-from fastcnn_testing import random_tensor, randomize_batchnorm, skip_unsupported
+from fastcnn_testing import (
+    assert_winograd_close,
+    random_tensor,
+    randomize_batchnorm,
+    skip_unsupported,
+)
 from torchvision.models.googlenet import Inception
 
 import fastcnn
 from fastcnn import reference
-from fastcnn.cpu import inception, onednn
+from fastcnn.cpu import inception, onednn, winograd
 
 pytestmark = pytest.mark.skipif(
     not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
@@ -90,3 +95,35 @@ def test_strided_biases_give_the_dense_biases_result(backend):
         dense_out = fastcnn.ops.inception(x, *args)
         strided_out = fastcnn.ops.inception(x, *strided)
     assert torch.equal(strided_out, dense_out)
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch):
+    """3x3 branch convs wide enough for Winograd (fastcnn.cpu.winograd) take it on the first,
+    per-conv call (recorded in the trace) and in the planned C++ block call after it."""
+    if not onednn.direct(torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last)):
+        pytest.skip("the extension was built without the oneDNN library: no direct path")
+    monkeypatch.setitem(winograd._state, "enabled", True)
+    torch.manual_seed(0)
+    block = randomize_batchnorm(Inception(32, 16, 16, 24, 16, 20, 8), seed=1).eval()
+    fused = fastcnn.nn.FusedInception.from_module(block)
+    x = random_tensor((2, 32, 8, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+    ext, block_calls = onednn._direct(), []
+    block_call = ext.onednn_inception
+
+    def counted(*a):
+        block_calls.append(block_call(*a))
+        return block_calls[-1]
+
+    monkeypatch.setattr(ext, "onednn_inception", counted)
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in _args(fused)]
+    expected = reference.inception(x.double(), *args)
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        with fastcnn.trace() as t:
+            first = fused(x)
+        planned = [fused(x) for _ in range(2)]  # untraced calls run the plan
+    assert t.kernels("inception") == {f"cpu:onednn+cat ({variant} 1x1s, winograd 3x3s)"}
+    assert block_calls and all(block_calls), "the planned calls ran the C++ block call"
+    for out in (first, *planned):
+        assert_winograd_close(out, expected)

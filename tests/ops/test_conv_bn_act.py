@@ -51,7 +51,7 @@ def test_matches_reference(device, backend, dtype, channels_last, epilogue, case
     skip_unsupported(device, backend, dtype)
     has_residual, relu = EPILOGUES[epilogue]
     x, weight, bias, res = _inputs(case, dtype, device, channels_last, has_residual)
-    with runs_on("conv_bn_act", backend, dtype):
+    with runs_on("conv_bn_act", backend, dtype) as t:
         out = fastcnn.ops.conv_bn_act(
             x, weight, bias, case.stride, case.padding, residual=res, relu=relu
         )
@@ -60,7 +60,7 @@ def test_matches_reference(device, backend, dtype, channels_last, epilogue, case
     ), "the output must follow the input's memory format"
     assert not torch.isnan(out).any()
     expected = conv_reference64(x, weight, bias, case.stride, case.padding, res, relu)
-    assert_matches(out, expected, dtype)
+    assert_matches(out, expected, dtype, t.kernels())
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
@@ -73,7 +73,7 @@ def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case
     big = poisoned_like(torch.empty(n, cout + 9, ho, wo, dtype=dtype, device=device))
     big = big.contiguous(memory_format=torch.channels_last)
     out = big[:, 4 : 4 + cout]
-    with runs_on("conv_bn_act", backend, dtype):
+    with runs_on("conv_bn_act", backend, dtype) as t:
         got = fastcnn.ops.conv_bn_act(
             x, weight, bias, case.stride, case.padding, residual=res, out=out
         )
@@ -82,7 +82,8 @@ def test_out_channel_slice_writes_only_its_channels(device, backend, dtype, case
         "wrote outside the out= slice"
     )
     assert not torch.isnan(out).any(), "left part of the slice unwritten"
-    assert_matches(out, conv_reference64(x, weight, bias, case.stride, case.padding, res), dtype)
+    expected = conv_reference64(x, weight, bias, case.stride, case.padding, res)
+    assert_matches(out, expected, dtype, t.kernels())
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)

@@ -10,7 +10,7 @@ import torch
 from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs, runs_on
 
 import fastcnn
-from fastcnn.cpu import onednn
+from fastcnn.cpu import onednn, winograd
 
 pytestmark = pytest.mark.skipif(
     not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
@@ -69,10 +69,12 @@ class _NoTorchPath:
         raise AssertionError(f"torch's mkldnn.{name} ran: the direct path fell back")
 
 
-def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch):
+@pytest.mark.parametrize("winograd_on", [False, True], ids=["direct", "winograd"])
+def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch, winograd_on):
     """oneDNN picks the packed layout for the thread count too; a pack made at another count
     may have no optimized kernel (GoogLeNet packed at 2 threads and run at 1 once fell back to
-    torch's path for two convs for good): each count gets its own pack, planned calls too."""
+    torch's path for two convs for good): each count gets its own pack, planned calls too.
+    Winograd's packs (oneDNN's matmul layout) as well."""
     if not onednn.direct(torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last)):
         pytest.skip("the extension was built without the oneDNN library: no direct path")
     x, weight, bias = random_conv_inputs(32, 64, 3, 14, 14, torch.float32, "cpu", batch=1)
@@ -82,6 +84,9 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch)
         module.bias.copy_(bias)
     expected = conv_reference64(x, weight, bias, 1, 1)
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchPath())  # a fallback fails the test
+    monkeypatch.setitem(winograd._state, "enabled", winograd_on)
+    kernels = {"cpu:winograd"} if winograd_on else ()
+    assert onednn.uses_winograd(x.shape, weight, (1, 1), (1, 1), 1) == winograd_on
     before = torch.get_num_threads()
     keys = []
     try:
@@ -89,7 +94,7 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch)
             torch.set_num_threads(threads)
             with torch.no_grad():
                 for _ in range(2):  # the second call is a planned one
-                    assert_matches(module(x), expected, torch.float32)
+                    assert_matches(module(x), expected, torch.float32, kernels)
             keys.append(onednn.pack_key(x))
     finally:
         torch.set_num_threads(before)

@@ -1,0 +1,54 @@
+"""Which CPU convolutions run as Winograd F(4x4, 3x3) (csrc/cpu/winograd_conv.cpp).
+
+fp32 3x3 convs of stride 1 and padding 1 (ResNet's and GoogLeNet's 3x3 layers) take 4x fewer
+multiplies this way, and oneDNN's direct kernels already run near the FMA peak, so this is where
+fastcnn's CPU path gains on runtimes that run them directly (OpenVINO, ONNX Runtime). On a
+2-core AMD EPYC (AVX-512), each such conv of ResNet-50 ran 1.3-2.0x faster than oneDNN's
+brgconv at batch 1 and 8.
+
+Precision: the transforms multiply by up to 5 (input) and 8 (output) before the products are
+summed, so rounding errors grow: about 10x direct's, a few 1e-6 to ~1e-5 of the outputs' scale
+(K = C * 9 up to 4608). `set_enabled(False)` or FASTCNN_WINOGRAD=0 in the environment turns it
+off (every conv then runs oneDNN's direct kernels). A conv taking it records "cpu:winograd" in
+fastcnn.trace, and its ReLU propagates NaN (it is not oneDNN's post-op ReLU).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "FASTCNN_WINOGRAD"
+# Below these the transforms and the channel padding (to 16) cost more than the products save.
+MIN_CHANNELS = 16
+# Fewer 4x4 tiles than this (ResNet-50's 7x7 layers at batch 1 have 4) and the transformed
+# weight (4x direct's: 38 MB for 512 -> 512) is read for too little work.
+MIN_TILES = 8
+
+_state = {"enabled": os.environ.get(ENV, "1") != "0"}
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn Winograd on or off for convs packed from now on; returns the previous setting."""
+    previous, _state["enabled"] = _state["enabled"], bool(on)
+    return previous
+
+
+def tiles(input_shape) -> int:
+    n, _, h, w = input_shape
+    return n * -(-h // 4) * -(-w // 4)
+
+
+def chosen(input_shape, weight_shape, stride, padding, groups, dtype) -> bool:
+    """Does a conv of these shapes run as Winograd (with it enabled)?"""
+    import torch
+
+    if not enabled() or dtype != torch.float32 or groups != 1:
+        return False
+    k_out, c_in, kh, kw = weight_shape
+    if (kh, kw) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
+        return False
+    return min(c_in, k_out) >= MIN_CHANNELS and tiles(input_shape) >= MIN_TILES
