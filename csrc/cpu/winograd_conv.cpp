@@ -143,24 +143,29 @@ void transform_input(const Plan& p, const float* x, at::IntArrayRef xs, int64_t 
                   j0 = t % p.tiles_w * kTile - 1;
     for (int64_t c0 = 0; c0 < p.cp; c0 += kLanes) {
       const int64_t lanes = std::min(kLanes, p.c - c0);
+      // each pixel's lanes read in place; zeros outside the image; a copy padded with zeros
+      // where the block passes C (no per-pixel copy in the common case: C a multiple of 16)
+      const float* d[kIn][kIn];
       for (int64_t a = 0; a < kIn; ++a) {
         for (int64_t b = 0; b < kIn; ++b) {
           const int64_t i = i0 + a, j = j0 + b;
-          float* dst = window[a][b];
           if (t >= p.tiles || i < 0 || i >= p.h || j < 0 || j >= p.w) {
-            std::copy(kZeros, kZeros + kLanes, dst);
+            d[a][b] = kZeros;
             continue;
           }
           const float* src = x + n * xs[0] + i * xs[2] + j * xs[3] + c0;
-          std::copy(src, src + lanes, dst);
-          std::fill(dst + lanes, dst + kLanes, 0.f);
+          if (lanes < kLanes) {
+            for (int64_t c = 0; c < kLanes; ++c) window[a][b][c] = c < lanes ? src[c] : 0.f;
+            src = window[a][b];
+          }
+          d[a][b] = src;
         }
       }
       for (int64_t b = 0; b < kIn; ++b) {  // down each column
-        const float* d[kIn];
+        const float* column[kIn];
         float* o[kIn];
-        for (int64_t a = 0; a < kIn; ++a) d[a] = window[a][b], o[a] = rows[a][b];
-        input_line(d, o);
+        for (int64_t a = 0; a < kIn; ++a) column[a] = d[a][b], o[a] = rows[a][b];
+        input_line(column, o);
       }
       for (int64_t a = 0; a < kIn; ++a) {  // along each row, into V
         const float* d[kIn];
@@ -204,14 +209,31 @@ void transform_output(const Plan& p, const float* m, int64_t base, int64_t first
         for (int64_t b = 0; b < kTile; ++b) o[b] = tile[a][b];
         output_line(d, o);
       }
+      const float* bias_lanes = bias ? bias + k0 : kZeros;  // read only where lanes == 16
       for (int64_t a = 0; a < kTile && i0 + a < p.h; ++a) {
         for (int64_t b = 0; b < kTile && j0 + b < p.w; ++b) {
           const int64_t i = i0 + a, j = j0 + b;
           float* y = out + n * os[0] + i * os[2] + j * os[3] + k0;
           const float* add = res ? res + n * rs[0] + i * rs[2] + j * rs[3] + k0 : nullptr;
           const float* value = tile[a][b];
+          if (lanes == kLanes) {  // a whole vector: the common case (K a multiple of 16)
+            if (add) {
+#pragma omp simd
+              for (int64_t c = 0; c < kLanes; ++c) {
+                const float s = value[c] + bias_lanes[c] + add[c];
+                y[c] = relu && s < 0.f ? 0.f : s;  // NaN stays NaN, as torch.relu
+              }
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < kLanes; ++c) {
+                const float s = value[c] + bias_lanes[c];
+                y[c] = relu && s < 0.f ? 0.f : s;
+              }
+            }
+            continue;
+          }
           for (int64_t c = 0; c < lanes; ++c) {
-            float s = value[c] + (bias ? bias[k0 + c] : 0.f) + (add ? add[c] : 0.f);
+            const float s = value[c] + (bias ? bias[k0 + c] : 0.f) + (add ? add[c] : 0.f);
             y[c] = relu && s < 0.f ? 0.f : s;
           }
         }
