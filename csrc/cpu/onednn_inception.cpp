@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../common/thread_buffer.h"
+#include "winograd_conv.h"
 
 namespace fastcnn {
 
@@ -95,8 +96,8 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
     return t;
   };
   bool done = true;
-  // conv i of the structure on `input` (a dense channels_last tensor), or an undefined tensor
-  // where oneDNN has no optimized kernel (then the rest is skipped)
+  // conv i of the structure on `input` (channels_last: dense, or a slice for Winograd), or an
+  // undefined tensor where oneDNN has no optimized kernel (then the rest is skipped)
   auto conv = [&](size_t i, const at::Tensor& input) -> at::Tensor {
     if (!done) return {};
     const auto& w = w_sizes[i];
@@ -112,9 +113,13 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
     max_pool2d_out_cpu(x, {pool, pool}, {1, 1}, {pool / 2, pool / 2}, p);
     return p;
   };
-  auto dense_copy = [&](const at::Tensor& slice) -> at::Tensor {
-    if (!done) return {};  // a conv had no kernel: nothing more is computed
-    return take(slice.size(1)).copy_(slice);
+  // conv i's input from a channel slice of the merged reduce: read in place by a Winograd conv
+  // (it takes any pixel stride), else a dense copy (oneDNN 3.2 has no optimized kernel that
+  // reads a channel slice)
+  auto slice_input = [&](size_t i, const at::Tensor& slice) -> at::Tensor {
+    if (!done) return {};              // a conv had no kernel: nothing more is computed
+    auto dense = take(slice.size(1));  // taken either way: the buffer's layout stays the same
+    return layouts[i] == kWinogradLayout ? slice : dense.copy_(slice);
   };
   std::vector<at::Tensor> ys;
   if (n == 4) {  // merged: one 1x1 over x, branches 2 and 3 read dense copies of its slices
@@ -122,8 +127,8 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
     auto reduced = conv(0, x);
     if (!done) return false;
     ys.push_back(reduced.narrow(1, 0, c1));
-    ys.push_back(conv(1, dense_copy(reduced.narrow(1, c1, c2r))));
-    ys.push_back(conv(2, dense_copy(reduced.narrow(1, c1 + c2r, c3r))));
+    ys.push_back(conv(1, slice_input(1, reduced.narrow(1, c1, c2r))));
+    ys.push_back(conv(2, slice_input(2, reduced.narrow(1, c1 + c2r, c3r))));
     ys.push_back(conv(3, pooled()));
   } else {
     ys.push_back(conv(0, x));

@@ -41,6 +41,7 @@ constexpr int64_t kTile = 4, kIn = kTile + 2, kPoints = kIn * kIn;
 // V and M of one chunk: within L2 + a share of L3 (chosen among 4, 16 MB and no chunks on a
 // 2-core AMD EPYC: 4 MB with the weight rule of make_plan was best at batch 8 and 1)
 constexpr int64_t kChunkBytes = 4 << 20;
+constexpr int64_t kLargeChunkTiles = 128;  // tiles a chunk where the weight passes the budget
 alignas(64) constexpr float kZeros[kLanes] = {};
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -86,12 +87,16 @@ std::shared_ptr<const Plan> make_plan(at::IntArrayRef x, int64_t k) {
   plan->cp = round_up(plan->c, kLanes), plan->kp = round_up(k, kLanes);
   plan->tiles_h = (plan->h + kTile - 1) / kTile, plan->tiles_w = (plan->w + kTile - 1) / kTile;
   plan->tiles = plan->batch * plan->tiles_h * plan->tiles_w;
+  TORCH_CHECK(plan->tiles > 0 && plan->c > 0 && k > 0, "fastcnn winograd: input sizes ", x, " and ",
+              k, " outputs leave nothing to compute");
   const int64_t per_tile = kPoints * (plan->cp + plan->kp) * static_cast<int64_t>(sizeof(float));
   // Each chunk reads the whole transformed weight again: where that is larger than the budget,
-  // re-reading it per chunk costs more than V and M leaving the cache (one chunk then).
+  // re-reading it per chunk costs more than V and M leaving the cache, so such convs take
+  // kLargeChunkTiles a chunk (ResNet-50's at batch 8: one chunk), which also bounds the
+  // per-thread buffer at any batch size: 128 * 36 * (C + K) floats (19 MB for 512 -> 512).
   const int64_t weight_bytes = kPoints * plan->cp * plan->kp * static_cast<int64_t>(sizeof(float));
   const int64_t most =
-      weight_bytes > kChunkBytes ? plan->tiles : std::max<int64_t>(1, kChunkBytes / per_tile);
+      weight_bytes > kChunkBytes ? kLargeChunkTiles : std::max<int64_t>(1, kChunkBytes / per_tile);
   plan->chunks = (plan->tiles + most - 1) / most;
   plan->chunk = (plan->tiles + plan->chunks - 1) / plan->chunks;  // equal chunks
   using tag = memory::format_tag;

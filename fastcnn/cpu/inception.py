@@ -71,8 +71,11 @@ def _branches(variant: str, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, po
         reduced = _conv(x, rw, rb)
         y1, r2, r3 = reduced[:, :c1], reduced[:, c1 : c1 + c2r], reduced[:, c1 + c2r :]
         # dense copies of the reduce slices: oneDNN has no optimized kernel reading a channel
-        # slice (torch's op copies it too; the direct path would fall back to it)
-        r2, r3 = (r.contiguous(memory_format=torch.channels_last) for r in (r2, r3))
+        # slice (torch's op copies it too; the direct path would fall back to it). A Winograd
+        # conv reads its slice in place (as the C++ block call does).
+        r2, r3 = (r if onednn.direct(r) and _winograd(r.shape, w) else
+                  r.contiguous(memory_format=torch.channels_last)
+                  for r, w in ((r2, w2), (r3, w3)))  # fmt: skip
     else:
         y1, r2, r3 = (_conv(x, w, b) for w, b in parts)
     y2 = _conv(r2, w2, b2, w2.shape[-1])
@@ -95,15 +98,16 @@ def _choose(run) -> str:
     return min(VARIANTS, key=best.__getitem__)
 
 
+def _winograd(input_shape, w) -> bool:
+    """Does the direct path run a "same"-padded stride-1 conv of w as Winograd?"""
+    return onednn.uses_winograd(input_shape, w, (1, 1), (w.shape[-1] // 2,) * 2, 1)
+
+
 def winograd_kxk(x, widths, w2, w3) -> bool:
     """Does one of the block's kxk convs run as Winograd (fastcnn.cpu.winograd) for x?"""
-    if not onednn.direct(x):
-        return False
     n, _, h, w = x.shape
     kxk = ((widths[1], w2), (widths[2], w3))
-    return any(
-        onednn.uses_winograd((n, c, h, w), wt, (1, 1), (wt.shape[-1] // 2,) * 2, 1) for c, wt in kxk
-    )
+    return onednn.direct(x) and any(_winograd((n, c, h, w), wt) for c, wt in kxk)
 
 
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:

@@ -169,6 +169,8 @@ def test_bad_input_is_refused():
     with pytest.raises(RuntimeError, match="Winograd pack for a conv Winograd does not take"):
         _ext.onednn_conv(x, packed, layout, list(w3.shape), bias, None, out, [2, 2], [1, 1], 1,
                          True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="leave nothing to compute"):
+        _pack(w3, (0, 16, 8, 8))
     small = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="packed for another conv"):
         _ext.onednn_conv(x, packed[:-64], layout, list(w3.shape), bias, None, small, [1, 1],
