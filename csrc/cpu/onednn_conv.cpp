@@ -231,7 +231,7 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::I
 
 // weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see
 // packed_weight_desc): (the bytes, the layout's id for onednn_conv). With winograd, transformed
-// for winograd_conv.cpp instead (layout id kWinogradLayout).
+// for winograd_conv.cpp instead (a negative layout id: winograd_layout_id).
 std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  int64_t groups, bool winograd) {
@@ -241,7 +241,8 @@ std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::I
     TORCH_CHECK(
         winograd_applies(weight.sizes(), stride, padding, groups, weight.scalar_type()),
         "fastcnn onednn_conv_pack: Winograd takes fp32 3x3 convs of stride 1, padding 1, 1 group");
-    return {winograd_pack(weight, x_sizes), kWinogradLayout};
+    auto [packed, desc] = winograd_pack(weight, x_sizes);
+    return {packed, winograd_layout_id(layout_id(desc))};
   }
   const auto type = data_type(weight);
   auto packed_desc = packed_weight_desc(x_sizes, weight.sizes(), stride, padding, groups, type);
@@ -265,10 +266,11 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
                  at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu) {
   check_conv_args(x, packed_weight, w, bias, residual, out, stride, padding, groups);
-  if (packed_layout == kWinogradLayout) {
+  if (is_winograd_layout(packed_layout)) {
     TORCH_CHECK(winograd_applies(w, stride, padding, groups, x.scalar_type()),
                 "fastcnn onednn_conv: a Winograd pack for a conv Winograd does not take");
-    return winograd_conv(x, packed_weight, w, bias, residual, out, relu);
+    return winograd_conv(x, packed_weight, layout(winograd_registry_id(packed_layout)), w, bias,
+                         residual, out, relu);
   }
   Key key;
   key.reserve(40);

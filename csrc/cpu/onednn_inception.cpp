@@ -119,7 +119,7 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
   auto slice_input = [&](size_t i, const at::Tensor& slice) -> at::Tensor {
     if (!done) return {};              // a conv had no kernel: nothing more is computed
     auto dense = take(slice.size(1));  // taken either way: the buffer's layout stays the same
-    return layouts[i] == kWinogradLayout ? slice : dense.copy_(slice);
+    return is_winograd_layout(layouts[i]) ? slice : dense.copy_(slice);
   };
   std::vector<at::Tensor> ys;
   if (n == 4) {  // merged: one 1x1 over x, branches 2 and 3 read dense copies of its slices

@@ -6,11 +6,11 @@
 // oneDNN 3.2 has no Winograd for AVX-512 or AVX2, and its direct kernels already run near the
 // FMA peak, so this is the one way to make these convs (about 40% of ResNet-50's and half of
 // GoogLeNet's FLOPs) faster on the CPU. Measured on a 2-core AMD EPYC (AVX-512), against
-// oneDNN's brgconv: 1.3-2.0x on ResNet-50's 3x3 convs at batch 1 and 8.
+// oneDNN's brgconv, each conv alone: 1.6-2.95x on ResNet-50's 3x3 convs at batch 1 and 8.
 //
 // The price is precision: the input transform's coefficients (up to 5) and the output
 // transform's (up to 8) grow rounding errors; the error is about 10x direct's, ~1e-5 of the
-// outputs' scale with K = 4608 (fastcnn.cpu.winograd documents it and turns it off).
+// outputs' scale with 512 input channels (fastcnn.cpu.winograd documents it and turns it off).
 //
 // Layout: V [36][tiles][Cp] (the transformed input), M [36][tiles][Kp] (the products), with the
 // channels padded to a multiple of 16 (one AVX-512 vector; zeros in V and U). Tiles are taken
@@ -218,10 +218,10 @@ void transform_output(const Plan& p, const float* m, int64_t base, int64_t first
       for (int64_t a = 0; a < kTile && i0 + a < p.h; ++a) {
         for (int64_t b = 0; b < kTile && j0 + b < p.w; ++b) {
           const int64_t i = i0 + a, j = j0 + b;
-          float* y = out + n * os[0] + i * os[2] + j * os[3] + k0;
-          const float* add = res ? res + n * rs[0] + i * rs[2] + j * rs[3] + k0 : nullptr;
+          float* y = out + n * os[0] + i * os[2] + j * os[3] + k0 * os[1];
+          const float* add = res ? res + n * rs[0] + i * rs[2] + j * rs[3] + k0 * rs[1] : nullptr;
           const float* value = tile[a][b];
-          if (lanes == kLanes) {  // a whole vector: the common case (K a multiple of 16)
+          if (lanes == kLanes && os[1] == 1 && (!add || rs[1] == 1)) {  // the common case
             if (add) {
 #pragma omp simd
               for (int64_t c = 0; c < kLanes; ++c) {
@@ -237,9 +237,10 @@ void transform_output(const Plan& p, const float* m, int64_t base, int64_t first
             }
             continue;
           }
+          // a block past K, or channels not innermost in out or the residual
           for (int64_t c = 0; c < lanes; ++c) {
-            const float s = value[c] + (bias ? bias[k0 + c] : 0.f) + (add ? add[c] : 0.f);
-            y[c] = relu && s < 0.f ? 0.f : s;
+            const float s = value[c] + (bias ? bias[k0 + c] : 0.f) + (add ? add[c * rs[1]] : 0.f);
+            y[c * os[1]] = relu && s < 0.f ? 0.f : s;
           }
         }
       }
@@ -256,12 +257,14 @@ bool winograd_applies(at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef
          groups == 1 && type == at::kFloat;
 }
 
-at::Tensor winograd_pack(const at::Tensor& weight, at::IntArrayRef x_sizes) {
+std::tuple<at::Tensor, memory::desc> winograd_pack(const at::Tensor& weight,
+                                                   at::IntArrayRef x_sizes) {
   TORCH_CHECK(x_sizes.size() == 4 && x_sizes[1] == weight.size(1),
               "fastcnn winograd_pack: input sizes ", x_sizes, " do not fit the weight ",
               weight.sizes());
   auto plan = plan_for(x_sizes, weight.size(0));
-  // U = G g G^T per (k, c), in float64 so that the transform adds no rounding of its own
+  // U = G g G^T per (k, c), in float64 and rounded once to fp32 (G's sixths and 24ths are not
+  // exact in fp32)
   auto g = at::tensor({1. / 4, 0., 0., -1. / 6, -1. / 6, -1. / 6, -1. / 6, 1. / 6, -1. / 6, 1. / 24,
                        1. / 12, 1. / 6, 1. / 24, -1. / 12, 1. / 6, 0., 0., 1.},
                       at::dtype(at::kDouble))
@@ -281,20 +284,21 @@ at::Tensor winograd_pack(const at::Tensor& weight, at::IntArrayRef x_sizes) {
   auto& stream = onednn_thread_stream();
   dnnl::reorder(from, to).execute(stream, from, to);
   stream.wait();
-  return packed;
+  return {packed, plan->weights};
 }
 
-bool winograd_conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef w,
-                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                   const at::Tensor& out, bool relu) {
-  if (x.stride(1) != 1 || out.stride(1) != 1 || (residual && residual->stride(1) != 1)) {
-    return false;
-  }
+bool winograd_conv(const at::Tensor& x, const at::Tensor& packed, const memory::desc& packed_layout,
+                   at::IntArrayRef w, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& out, bool relu) {
+  if (x.stride(1) != 1) return false;
   auto plan = plan_for(x.sizes(), w[0]);
   const Plan& p = *plan;
-  TORCH_CHECK(static_cast<size_t>(packed.numel()) == p.weights.get_size(),
-              "fastcnn winograd_conv: the packed weight does not have the size of its layout "
-              "(packed for another conv)");
+  // the layout it was packed in must be this plan's (another thread count or batch size may
+  // make oneDNN pick another blocking, possibly of the same size)
+  TORCH_CHECK(
+      p.weights == packed_layout && static_cast<size_t>(packed.numel()) == p.weights.get_size(),
+      "fastcnn winograd_conv: the packed weight is not in this conv's layout (packed for "
+      "another conv, batch size or thread count)");
   const int64_t v_floats = kPoints * p.chunk * p.cp, m_floats = kPoints * p.chunk * p.kp;
   auto* v = static_cast<float*>(
       thread_buffer<ThreadBuffer::kWinograd>((v_floats + m_floats) * sizeof(float)));

@@ -134,21 +134,21 @@ def _direct():
     return _direct_module[0]
 
 
-def pack_key(x: torch.Tensor) -> tuple:
+def pack_key(x: torch.Tensor, winograd: bool = False) -> tuple:
     """The key of x's packed weight in the pack cache: the two paths pack apart (torch's
     packed tensor, or the direct path's bytes), both per input shape; the direct path's also
-    per thread count (see _direct_pack_key)."""
+    per thread count and per kind (a Winograd pack or oneDNN's; see _direct_pack_key)."""
     shape = tuple(x.shape)
-    return _direct_pack_key(shape) if direct(x) else shape
+    return _direct_pack_key(shape, winograd) if direct(x) else shape
 
 
-def _direct_pack_key(shape: tuple) -> tuple:
+def _direct_pack_key(shape: tuple, winograd: bool) -> tuple:
     # oneDNN picks the packed layout for the thread count too, and a layout packed for another
     # count may have no optimized kernel at this one (GoogLeNet packed at 2 threads and run at
     # 1: two convs fell back to torch's path for good): a new count packs anew. Read per call,
-    # as torch.set_num_threads may change between calls of one plan. Winograd's switch too: a
-    # conv packed for it (see packer) is packed anew when it is turned off, and back.
-    return ("direct", torch.get_num_threads(), winograd.enabled(), *shape)
+    # as torch.set_num_threads may change between calls of one plan. A Winograd pack and
+    # oneDNN's are kept apart (Winograd switched off, then on again: each pack is still there).
+    return ("direct", torch.get_num_threads(), winograd, *shape)
 
 
 def uses_winograd(input_shape, weight, stride, padding, groups) -> bool:
@@ -170,25 +170,21 @@ def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None,
 
 
 def packer(input_shape, stride, padding, groups=1):
-    """pack(weight) -> (packed bytes, layout id): the direct path's packed copy of a weight
-    for convs of (fp32, channels_last) inputs of input_shape, made once per weight version
-    (PackCache): transformed for Winograd where fastcnn.cpu.winograd chooses it."""
+    """pack(weight, winograd=None) -> (packed bytes, layout id): the direct path's packed copy
+    of a weight for convs of (fp32, channels_last) inputs of input_shape, made once per weight
+    version (PackCache): transformed for Winograd where `winograd` says so (None: where
+    fastcnn.cpu.winograd chooses it, read once here, so the key and the pack always agree)."""
     pack_weight = _direct().onednn_conv_pack
     shape = tuple(input_shape)
     stride, padding = tuple(stride), tuple(padding)
 
-    def pack(weight):
+    def pack(weight, winograd=None):
+        if winograd is None:
+            winograd = uses_winograd(shape, weight, stride, padding, groups)
         return cached_pack(
             weight,
-            _direct_pack_key(shape),
-            lambda: pack_weight(
-                weight,
-                shape,
-                stride,
-                padding,
-                groups,
-                uses_winograd(shape, weight, stride, padding, groups),
-            ),
+            _direct_pack_key(shape, winograd),
+            lambda: pack_weight(weight, shape, stride, padding, groups, winograd),
         )
 
     return pack
@@ -205,8 +201,8 @@ def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, re
     out_shape, out_strides = tuple(out_shape), tuple(out_strides)
     recycled = _alloc.Recycled(out_shape, out_strides) if recycle else None
 
-    def run(x, weight, bias, residual, out):
-        packed, layout = pack(weight)
+    def run(x, weight, bias, residual, out, winograd=None):
+        packed, layout = pack(weight, winograd)
         if out is None:
             if recycled is None:
                 out = _alloc.empty_strided(out_shape, out_strides, x)
@@ -219,16 +215,16 @@ def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, re
     return run
 
 
-def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups):
+def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups, winograd):
     """The direct path's result, or None where oneDNN has no optimized kernel for these
-    strides (noted once; the torch path then runs it)."""
+    strides (noted once; the torch path then runs it). A Winograd conv always runs."""
     residual, in_place = _channels_last_residual(x, residual, in_place)
     out_shape = output_shape(x.shape, weight.shape, stride, padding, (1, 1))
     _, c_out, ho, wo = out_shape
     out_strides = (ho * wo * c_out, 1, wo * c_out, c_out)  # channels_last
     run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
     bias = bias if bias is None else bias.contiguous()  # oneDNN reads it as a dense vector
-    y = run(x, weight, bias, residual, residual if in_place else None)
+    y = run(x, weight, bias, residual, residual if in_place else None, winograd)
     if y is None:
         out_strides = residual.stride() if in_place else out_strides
         _backend.note_once(
@@ -284,14 +280,18 @@ def conv_bn_act(
     relu: bool,
     in_place: bool = False,
     groups: int = 1,
+    winograd: bool | None = None,
 ) -> torch.Tensor:
     """relu(conv2d(x, weight, bias) + residual) as one oneDNN primitive; returns a new tensor
     (channels_last for a channels_last x), or with in_place=True the residual itself, overwritten
     with the result (as Inductor's CPU path does for ResNet's shortcut: no new allocation, whose
     page faults cost as much as a small conv). Grouped (and depthwise) convolutions are oneDNN's
-    groups; dilation=1; a dtype `supports` accepts."""
+    groups; dilation=1; a dtype `supports` accepts. winograd: whether the direct path runs it
+    as Winograd (None: where fastcnn.cpu.winograd chooses it; a caller that records the kernel
+    passes what it recorded)."""
     if direct(x):
-        y = _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups)
+        y = _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups,
+                         winograd)  # fmt: skip
         if y is not None:
             return y
     w = prepacked(weight, padding, stride, x.shape, groups)

@@ -71,12 +71,12 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
         _trace.record(_OP, "cpu", "reference", why)
         return _reference(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
     copy = onednn.residual_copy_reason(x, residual)
-    kernel = "onednn"
-    if onednn.direct(x) and onednn.uses_winograd(x.shape, weight, stride, padding, groups):
-        kernel = "winograd"
-    _trace.record(_OP, "cpu", kernel, copy)
+    # decided once: the kernel recorded is the one the direct path then runs (it always can)
+    winograd = onednn.direct(x) and onednn.uses_winograd(x.shape, weight, stride, padding, groups)
+    _trace.record(_OP, "cpu", "winograd" if winograd else "onednn", copy)
     in_place = out is not None and out is residual
-    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
+    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups,
+                           winograd)  # fmt: skip
     return y if y is out else as_result(x, y, out)
 
 

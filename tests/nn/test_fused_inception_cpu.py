@@ -113,6 +113,7 @@ def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch)
     block_call = ext.onednn_inception
 
     def counted(*a):
+        assert any(layout < -1 for layout in a[2]), "no Winograd pack among the block's convs"
         block_calls.append(block_call(*a))
         return block_calls[-1]
 

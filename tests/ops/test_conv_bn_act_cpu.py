@@ -95,11 +95,13 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch,
             with torch.no_grad():
                 for _ in range(2):  # the second call is a planned one
                     assert_matches(module(x), expected, torch.float32, kernels)
-            keys.append(onednn.pack_key(x))
+            keys.append(onednn.pack_key(x, winograd_on))
     finally:
         torch.set_num_threads(before)
     assert keys[0] == keys[2] != keys[1]
-    assert set(onednn._packed[id(module.weight)][1]) == {keys[0], keys[1]}
+    packs = onednn._packed[id(module.weight)][1]
+    assert set(packs) == {keys[0], keys[1]}
+    assert all((layout < -1) == winograd_on for _, layout in packs.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

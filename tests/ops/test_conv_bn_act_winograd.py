@@ -29,7 +29,10 @@ needs_direct = pytest.mark.skipif(
     reason="the extension was built without the oneDNN library (FASTCNN_NO_ONEDNN, or the "
     "onednn-cpu-gomp wheels are not installed)",
 )
-WINOGRAD_LAYOUT = -1  # onednn_conv_pack's layout id for a Winograd pack (winograd_conv.h)
+
+
+def is_winograd_layout(layout: int) -> bool:
+    return layout < -1  # onednn_conv_pack's layout ids for Winograd packs (winograd_conv.h)
 
 
 @pytest.fixture
@@ -77,7 +80,7 @@ def test_strided_input_and_output_every_element_written():
     big_out = torch.full((2, 31, 9, 10), float("nan")).contiguous(memory_format=torch.channels_last)
     out = big_out[:, 7:27]
     packed, layout = _pack(weight, x.shape)
-    assert layout == WINOGRAD_LAYOUT
+    assert is_winograd_layout(layout)
     ran = _ext.onednn_conv(x, packed, layout, list(weight.shape), bias, None, out, [1, 1], [1, 1],
                            1, True)  # fmt: skip
     assert ran
@@ -154,8 +157,9 @@ def test_planned_calls_take_it(enabled):
         fused(x)  # plans
         y = fused(x)
     assert_winograd_close(y, expected)
-    packs = [key for _, by_shape, _ in onednn._packed.values() for key in by_shape]
-    assert any(key[:3] == ("direct", torch.get_num_threads(), True) for key in packs)
+    (module,) = [m for m in fused.modules() if isinstance(m, fastcnn.nn.ConvBNAct)]
+    packs = onednn._packed[id(module.weight)][1]
+    assert [is_winograd_layout(layout) for _, layout in packs.values()] == [True]
 
 
 @needs_direct
@@ -185,3 +189,92 @@ def test_the_environment_turns_it_off():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                              check=True)  # fmt: skip
         assert out.stdout.strip() == expected
+
+
+@needs_direct
+@pytest.mark.parametrize(
+    ("cin", "cout", "size"),
+    [(16, 16, 124), (192, 192, 52)],
+    ids=["2 chunks, the last padded", "large weight: 128-tile chunks"],
+)
+def test_chunks(enabled, cin, cout, size):
+    """961 tiles in 2 chunks of 481 (one zero tile past the last); a 5.3 MB transformed weight
+    takes chunks of <= 128 tiles: 169 tiles in 2 chunks of 85."""
+    x, weight, bias = random_conv_inputs(cin, cout, 3, size, size, torch.float32, "cpu", batch=1)
+    out = torch.full((1, cout, size, size), float("nan")).contiguous(
+        memory_format=torch.channels_last
+    )
+    packed, layout = _pack(weight, x.shape)
+    assert _ext.onednn_conv(x, packed, layout, list(weight.shape), bias, None, out, [1, 1], [1, 1],
+                            1, False)  # fmt: skip
+    assert_winograd_close(out, conv_reference64(x, weight, bias, 1, 1, relu=False))
+
+
+@needs_direct
+def test_no_bias(enabled):
+    x, weight, _ = random_conv_inputs(16, 32, 3, 9, 10, torch.float32, "cpu")
+    with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        y = fastcnn.ops.conv_bn_act(x, weight, None, 1, 1)
+    assert t.kernels() == {"cpu:winograd"}
+    assert_winograd_close(y, conv_reference64(x, weight, None, 1, 1))
+
+
+@needs_direct
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_cropped_input_with_an_nchw_residual(enabled, in_place):
+    """x a crop of a channels_last tensor (channels innermost, not dense) and an NCHW residual:
+    read through its strides, not copied, and the kernel the trace names is the one that ran."""
+    big = random_tensor((2, 24, 12, 13), torch.float32, "cpu", channels_last=True, seed=2)
+    x = big[:, 4:20, 1:11, 2:12]
+    _, weight, bias = random_conv_inputs(16, 32, 3, 10, 10, torch.float32, "cpu")
+    r = random_tensor((2, 32, 10, 10), torch.float32, "cpu", seed=4)  # NCHW
+    expected = conv_reference64(x, weight, bias, 1, 1, r)
+    dest = r.clone()
+    with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        y = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1, residual=dest,
+                                    out=dest if in_place else None)  # fmt: skip
+    assert t.kernels() == {"cpu:winograd"}
+    assert_winograd_close(y, expected)
+    assert (y.data_ptr() == dest.data_ptr()) == in_place
+
+
+@needs_direct
+def test_inf_input_makes_nan_of_its_tiles_only(enabled):
+    """Inf - Inf in the transforms: the output tiles whose 6x6 windows hold the Inf pixel may be
+    non-finite all over (documented in fastcnn.cpu.winograd); every other tile is finite."""
+    x, weight, bias = random_conv_inputs(16, 16, 3, 12, 12, torch.float32, "cpu")
+    x[0, :, 5, 6] = float("inf")
+    with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        y = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1, relu=False)
+    assert t.kernels() == {"cpu:winograd"}
+    bad = ~torch.isfinite(y[0])
+    # the 6x6 window of output tile (1, 1) (outputs 4..7) spans input rows and columns 3..8,
+    # the only window holding pixel (5, 6); its 3x3 neighbourhood (rows 4..6, columns 5..7),
+    # non-finite in a direct conv too, lies inside that tile
+    tile = torch.zeros_like(bad)
+    tile[:, 4:8, 4:8] = True
+    assert bad[:, 4:7, 5:8].all() and not (bad & ~tile).any()
+    assert torch.isfinite(y[1]).all()
+
+
+@needs_direct
+def test_a_pack_for_another_batch_size_or_thread_count_is_refused_or_right():
+    """A Winograd pack carries its exact layout: used for a conv whose plan picks another one
+    (another batch size or thread count), the call is refused, never run in the wrong layout."""
+    x, weight, bias = random_conv_inputs(64, 64, 3, 28, 28, torch.float32, "cpu", batch=1)
+    packed, layout = _pack(weight, (8, 64, 28, 28))
+    out = torch.empty(1, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, before):
+            torch.set_num_threads(threads)
+            try:
+                ran = _ext.onednn_conv(x, packed, layout, list(weight.shape), bias, None, out,
+                                       [1, 1], [1, 1], 1, True)  # fmt: skip
+            except RuntimeError as e:
+                assert "not in this conv's layout" in str(e)
+                continue
+            assert ran
+            assert_winograd_close(out, conv_reference64(x, weight, bias, 1, 1))
+    finally:
+        torch.set_num_threads(before)
