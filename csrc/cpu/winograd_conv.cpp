@@ -6,7 +6,7 @@
 // oneDNN 3.2 has no Winograd for AVX-512 or AVX2, and its direct kernels already run near the
 // FMA peak, so this is the one way to make these convs (about 40% of ResNet-50's and half of
 // GoogLeNet's FLOPs) faster on the CPU. Measured on a 2-core AMD EPYC (AVX-512), against
-// oneDNN's brgconv, each conv alone: 1.6-2.95x on ResNet-50's 3x3 convs at batch 1 and 8.
+// oneDNN's brgconv, each conv alone: 1.7-3.0x (benchmarks/cpu_winograd_convs.py).
 //
 // The price is precision: the input transform's coefficients (up to 5) and the output
 // transform's (up to 8) grow rounding errors; the error is about 10x direct's, ~1e-5 of the

@@ -146,6 +146,16 @@ COLUMNS = {
         ("on ms", "{on_ms:.2f}"),
         ("speedup", "{speedup:.3f}x"),
     ],
+    "winograd_convs": [
+        ("batch", "{batch}"),
+        ("channels", "{c_in} -> {c_out}"),
+        ("size", "{size}x{size}"),
+        ("direct ms", "{direct_ms:.3f}"),
+        ("Winograd ms", "{winograd_ms:.3f}"),
+        ("speedup", "{speedup:.2f}x"),
+        ("direct error", "{direct_error:.1e}"),
+        ("Winograd error", "{winograd_error:.1e}"),
+    ],
     "host_overhead": [
         ("backend", "{backend}"),
         ("dtype", "{dtype}"),
