@@ -30,3 +30,18 @@ def _poisoned_outputs():
 
     with poisoned():
         yield
+
+
+@pytest.fixture
+def onednn_direct():
+    """The extension, for tests of its direct oneDNN CPU path (csrc/cpu/onednn_conv.cpp and
+    what runs through it); skips them where it was built without the oneDNN library."""
+    from fastcnn import _extension
+
+    ext = _extension.load()
+    if ext is None or not hasattr(ext, "onednn_conv"):
+        pytest.skip(
+            "the extension was built without the oneDNN library (FASTCNN_NO_ONEDNN, or the "
+            "onednn-cpu-gomp wheels are not installed): no direct path"
+        )
+    return ext

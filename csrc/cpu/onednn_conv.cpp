@@ -42,9 +42,6 @@ struct Conv {
 // Past the bound the map is emptied (and refilled by the shapes still in use).
 constexpr size_t kMaxPrimitives = 2048;
 
-dnnl::engine& engine() { return onednn_engine(); }
-dnnl::stream& thread_stream() { return onednn_thread_stream(); }
-
 memory::data_type data_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -101,7 +98,7 @@ memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArr
                                 at::IntArrayRef padding, int64_t groups, memory::data_type type) {
   using tag = memory::format_tag;
   dnnl::convolution_forward::primitive_desc pd(
-      engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      onednn_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
       memory::desc(x.vec(), type, tag::nhwc), memory::desc(weight_dims(w, groups), type, tag::any),
       memory::desc({w[0]}, type, tag::a),
       memory::desc(output_dims(x, w, stride, padding), type, tag::nhwc), stride.vec(),
@@ -165,10 +162,10 @@ std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& w
   attr.set_post_ops(ops);
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
   try {
-    dnnl::convolution_forward::primitive_desc pd(engine(), dnnl::prop_kind::forward_inference,
-                                                 dnnl::algorithm::convolution_direct, conv->src,
-                                                 conv->weights, conv->bias, conv->dst, stride.vec(),
-                                                 padding.vec(), padding.vec(), attr);
+    dnnl::convolution_forward::primitive_desc pd(
+        onednn_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        conv->src, conv->weights, conv->bias, conv->dst, stride.vec(), padding.vec(), padding.vec(),
+        attr);
     if (optimized(pd.impl_info_str())) {
       conv->scratchpad = pd.scratchpad_desc();
       conv->prim = std::make_shared<dnnl::convolution_forward>(pd);
@@ -248,9 +245,9 @@ std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::I
   auto packed_desc = packed_weight_desc(x_sizes, weight.sizes(), stride, padding, groups, type);
   auto packed =
       at::empty({static_cast<int64_t>(packed_desc.get_size())}, weight.options().dtype(at::kByte));
-  memory from(weight_view(weight, groups, type), engine(), weight.data_ptr());
-  memory to(packed_desc, engine(), packed.data_ptr());
-  auto& stream = thread_stream();
+  memory from(weight_view(weight, groups, type), onednn_engine(), weight.data_ptr());
+  memory to(packed_desc, onednn_engine(), packed.data_ptr());
+  auto& stream = onednn_thread_stream();
   dnnl::reorder(from, to).execute(stream, from, to);
   stream.wait();
   return {packed, layout_id(packed_desc)};
@@ -303,7 +300,7 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
   TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
               "fastcnn onednn_conv: the packed weight does not have the size of its layout "
               "(packed for another conv)");
-  auto& eng = engine();
+  auto& eng = onednn_engine();
   std::unordered_map<int, memory> args = {
       {DNNL_ARG_SRC, memory(conv->src, eng, x.data_ptr())},
       {DNNL_ARG_WEIGHTS, memory(conv->weights, eng, packed_weight.data_ptr())},
@@ -319,7 +316,7 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
         memory(conv->scratchpad, eng,
                thread_buffer<ThreadBuffer::kOnednnScratchpad>(conv->scratchpad.get_size())));
   }
-  auto& stream = thread_stream();
+  auto& stream = onednn_thread_stream();
   conv->prim->execute(stream, args);
   stream.wait();
   return true;

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 ENV = "FASTCNN_WINOGRAD"
 # Below these the transforms and the channel padding (to 16) cost more than the products save.
 MIN_CHANNELS = 16
@@ -49,8 +51,6 @@ def tiles(input_shape) -> int:
 
 def chosen(input_shape, weight_shape, stride, padding, groups, dtype) -> bool:
     """Does a conv of these shapes run as Winograd (with it enabled)?"""
-    import torch
-
     if not enabled() or dtype != torch.float32 or groups != 1:
         return False
     k_out, c_in, kh, kw = weight_shape

@@ -98,18 +98,16 @@ def test_strided_biases_give_the_dense_biases_result(backend):
 
 
 @pytest.mark.parametrize("variant", inception.VARIANTS)
-def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch):
+def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch, onednn_direct):
     """3x3 branch convs wide enough for Winograd (fastcnn.cpu.winograd) take it on the first,
     per-conv call (recorded in the trace) and in the planned C++ block call after it."""
-    if not onednn.direct(torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last)):
-        pytest.skip("the extension was built without the oneDNN library: no direct path")
     monkeypatch.setitem(winograd._state, "enabled", True)
     torch.manual_seed(0)
     block = randomize_batchnorm(Inception(32, 16, 16, 24, 16, 20, 8), seed=1).eval()
     fused = fastcnn.nn.FusedInception.from_module(block)
     x = random_tensor((2, 32, 8, 9), torch.float32, "cpu", channels_last=True, seed=3)
     monkeypatch.setattr(inception, "_choose", lambda run: variant)
-    ext, block_calls = onednn._direct(), []
+    ext, block_calls = onednn_direct, []
     block_call = ext.onednn_inception
 
     def counted(*a):

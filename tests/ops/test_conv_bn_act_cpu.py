@@ -70,13 +70,13 @@ class _NoTorchPath:
 
 
 @pytest.mark.parametrize("winograd_on", [False, True], ids=["direct", "winograd"])
-def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(monkeypatch, winograd_on):
+def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(
+    monkeypatch, winograd_on, onednn_direct
+):
     """oneDNN picks the packed layout for the thread count too; a pack made at another count
     may have no optimized kernel (GoogLeNet packed at 2 threads and run at 1 once fell back to
     torch's path for two convs for good): each count gets its own pack, planned calls too.
     Winograd's packs (oneDNN's matmul layout) as well."""
-    if not onednn.direct(torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last)):
-        pytest.skip("the extension was built without the oneDNN library: no direct path")
     x, weight, bias = random_conv_inputs(32, 64, 3, 14, 14, torch.float32, "cpu", batch=1)
     module = fastcnn.nn.ConvBNAct(32, 64, 3, padding=1, backend="cpu")
     with torch.no_grad():

@@ -24,11 +24,7 @@ from fastcnn.cpu import onednn, winograd
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 _ext = _extension.load()
-needs_direct = pytest.mark.skipif(
-    _ext is None or not hasattr(_ext, "onednn_conv"),
-    reason="the extension was built without the oneDNN library (FASTCNN_NO_ONEDNN, or the "
-    "onednn-cpu-gomp wheels are not installed)",
-)
+needs_direct = pytest.mark.usefixtures("onednn_direct")  # conftest.py: skips without it
 
 
 def is_winograd_layout(layout: int) -> bool:
