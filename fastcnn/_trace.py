@@ -12,6 +12,8 @@ backend's own kernel (the eager reference because oneDNN has no fp16 on this CPU
 epilogue pass because cuBLASLt cannot read an NCHW residual, ...) carries the reason as
 `fallback`. Tests use this to assert the path they mean to check; fastcnn.report shows it for a
 model run once. With no trace active, `record` costs one ContextVar read per op call.
+While torch.compile traces a model nothing is recorded: the compiled graph's fastcnn ops
+record their kernels each time it runs.
 
 Traces are per thread (and per asyncio task): a call made on another thread is not recorded
 in this thread's trace.
@@ -25,6 +27,7 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -90,14 +93,23 @@ _current: contextvars.ContextVar[Trace | None] = contextvars.ContextVar(
 )
 
 
+def _current_trace() -> Trace | None:
+    """The trace recording on this thread, or None; always None while torch.compile traces a
+    module: an event is a kernel that ran, and the compiled graph's fastcnn ops record theirs
+    when it runs. (Dynamo 2.11 cannot trace ContextVar.get under fullgraph=True either.)"""
+    if torch.compiler.is_compiling():
+        return None
+    return _current.get()
+
+
 def active() -> bool:
     """Is a trace recording on this thread? (Lets a backend skip work only a trace needs.)"""
-    return _current.get() is not None
+    return _current_trace() is not None
 
 
 def record(op: str, backend: str, kernel: str, fallback: str | None = None) -> None:
     """Called by every op implementation with the kernel it runs (see KernelKey)."""
-    t = _current.get()
+    t = _current_trace()
     if t is not None:
         t._record(op, backend, kernel, fallback)
 
@@ -105,7 +117,7 @@ def record(op: str, backend: str, kernel: str, fallback: str | None = None) -> N
 def note_skipped(op: str, reason: str) -> None:
     """fastcnn._backend.pick under "auto": the next `record` of `op` is a fallback because a
     preferred backend could not run (the reason)."""
-    t = _current.get()
+    t = _current_trace()
     if t is not None:
         t._pending[op] = reason
 

@@ -56,6 +56,20 @@ def test_torch_compile_fullgraph(model_and_input, compiler):
         torch.testing.assert_close(out, _eager_reference(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_trace_around_a_compiled_model_records_each_run_once(model_and_input):
+    """The compiled graph's fastcnn ops record their kernels when they run; nothing is recorded
+    while Dynamo traces the modules (Dynamo 2.11 cannot trace the trace's ContextVar)."""
+    model, x = model_and_input
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(2):  # the first call compiles, the second only runs
+            with fastcnn.trace() as t:
+                out = compiled(x)
+            assert [e.op for e in t.events] == ["conv_bn_act"] * 2 + ["add_relu"] * 2
+        torch.testing.assert_close(out, _eager_reference(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_export_keeps_the_fastcnn_ops(model_and_input):
     model, x = model_and_input
     exported = torch.export.export(model, (x,))

@@ -23,6 +23,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #endif
@@ -99,18 +100,25 @@ struct PlanKey {
   int64_t m, n, k, ldb, ldc, ldd;
   bool bias, residual, relu;
   uint32_t align_a, align_b, align_c, align_d;
-  bool operator==(const PlanKey&) const = default;
+
+  // The one list of fields that both == and the hash read. (A defaulted operator== is C++20;
+  // torch 2.11 builds extensions as C++17.)
+  auto fields() const {
+    return std::make_tuple(device, dtype, compute, m, n, k, ldb, ldc, ldd, bias, residual, relu,
+                           align_a, align_b, align_c, align_d);
+  }
+  bool operator==(const PlanKey& other) const { return fields() == other.fields(); }
 };
 
 struct PlanKeyHash {
   size_t operator()(const PlanKey& key) const {
-    const int64_t fields[] = {key.device,  key.dtype,   key.compute,  key.m,
-                              key.n,       key.k,       key.ldb,      key.ldc,
-                              key.ldd,     key.bias,    key.residual, key.relu,
-                              key.align_a, key.align_b, key.align_c,  key.align_d};
-    size_t h = 0;
-    for (const int64_t f : fields) h = h * 1000003u ^ std::hash<int64_t>()(f);
-    return h;
+    return std::apply(
+        [](auto... field) {
+          size_t h = 0;
+          ((h = h * 1000003u ^ std::hash<int64_t>()(static_cast<int64_t>(field))), ...);
+          return h;
+        },
+        key.fields());
   }
 };
 

@@ -301,6 +301,10 @@ def conv_bn_act(
             x, w, bias, pad, st, dil, groups, "relu" if relu else "none", [], ""
         )
     residual, in_place = _channels_last_residual(x, residual, in_place)
+    if not in_place and residual.shape[2] * residual.shape[3] == 1:
+        # torch 2.11's out-of-place binary op fails on a 1x1 output ("could not create a
+        # memory"; 2.14's runs it), its in-place form runs it: into a copy of the residual
+        residual, in_place = residual.clone(), True
     if in_place:  # the binary add's operand is also its destination: no new output tensor
         return _mkldnn._convolution_pointwise_.binary(
             residual,

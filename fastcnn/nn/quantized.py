@@ -246,8 +246,9 @@ class QConvBNAct(_QParamsModule):
 
     def _may_plan(self, x, residual) -> bool:
         """May this call run a plan (plans are made on the cpu backend, for plain tensors)?"""
-        backend = self.backend or _backend.get_backend()
-        return backend in ("cpu", "auto") and can_skip_dispatcher(x, residual)
+        if not can_skip_dispatcher(x, residual):  # first: False while torch.compile traces
+            return False
+        return (self.backend or _backend.get_backend()) in ("cpu", "auto")
 
     def _run_and_plan(self, key, x, residual, qparams):
         """The op, then a plan for later calls like this one if it ran oneDNN's int8 kernel."""

@@ -159,3 +159,23 @@ def test_weights_made_under_inference_mode():
     expected = conv_reference64(x, weight, bias, 1, 1)
     assert_matches(out, expected, torch.float32)
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize(
+    ("h", "k", "stride", "padding"),
+    [(3, 3, 1, 0), (2, 1, 2, 0), (1, 3, 1, 1)],
+    ids=["3x3-valid", "1x1-stride2", "1x1-input"],
+)
+def test_residual_into_a_1x1_output(h, k, stride, padding):
+    """An output of one pixel with a residual (ResNet's last stage on a small input): torch
+    2.11's out-of-place binary mkldnn op refuses it ("could not create a memory"). NCHW x takes
+    torch's path; the caller's residual stays as it was."""
+    x, weight, bias = random_conv_inputs(13, 24, k, h, h, torch.float32, "cpu",
+                                         channels_last=False)  # fmt: skip
+    res = torch.randn(2, 24, 1, 1)
+    kept = res.clone()
+    with runs_on("conv_bn_act", "cpu", torch.float32) as t:
+        out = fastcnn.ops.conv_bn_act(x, weight, bias, stride, padding, residual=res)
+    assert t.kernels() == {"cpu:onednn"}
+    assert torch.equal(res, kept)
+    assert_matches(out, conv_reference64(x, weight, bias, stride, padding, res), torch.float32)
