@@ -95,8 +95,9 @@ else
   }
   DEV=cuda
 fi
-name="${gpu}-$(date -u +%Y-%m-%d)"
-dir="${GPU_CHECK_RESULTS:-benchmarks/results}/$name"
+# run_name, not name: the step functions below have a local `name` that would shadow it
+run_name="${gpu}-$(date -u +%Y-%m-%d)"
+dir="${GPU_CHECK_RESULTS:-benchmarks/results}/$run_name"
 mkdir -p "$dir"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
@@ -125,7 +126,7 @@ selected() {  # selected NAME: is NAME in GPU_CHECK_STEPS (or is that unset)?
 publish() {  # the log, summary.md and results.tgz into $OUT, each replaced atomically
   local table
   {
-    echo "# GPU check $name (commit ${FASTCNN_COMMIT:0:12}, $((SECONDS - start_s)) s of ${BUDGET_S} s)"
+    echo "# GPU check $run_name (commit ${FASTCNN_COMMIT:0:12}, $((SECONDS - start_s)) s of ${BUDGET_S} s)"
     echo
     echo '```'
     printf '%s\n' "${steps[@]}"
@@ -140,7 +141,7 @@ publish() {  # the log, summary.md and results.tgz into $OUT, each replaced atom
   [ -n "${OUT:-}" ] || return 0
   cp "$log" "$dir/gpu_check.log"
   cp "$dir/summary.md" "$OUT/.summary.md.tmp" && mv "$OUT/.summary.md.tmp" "$OUT/summary.md"
-  tar -czf "$OUT/.results.tgz.tmp" -C "$(dirname "$dir")" "$name" &&
+  tar -czf "$OUT/.results.tgz.tmp" -C "$(dirname "$dir")" "$run_name" &&
     mv "$OUT/.results.tgz.tmp" "$OUT/results.tgz"
 }
 

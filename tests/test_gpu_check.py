@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,27 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
-def _rehearse(tmp_path: Path, steps: str, limits: str) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path / "out"
+def _rehearsal_env(tmp_path: Path, steps: str, limits: str = "") -> dict[str, str]:
     env = {
         **os.environ,
-        "OUT": str(out),
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,  # this interpreter, whatever python3 is on PATH
         "GPU_CHECK_REHEARSE": "1",
         "GPU_CHECK_STEPS": steps,
         "GPU_CHECK_LIMITS": limits,
         "GPU_CHECK_RESULTS": str(tmp_path / "results"),
     }
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself
+    return env
+
+
+def _rehearse(tmp_path: Path, steps: str, limits: str) -> tuple[subprocess.CompletedProcess, Path]:
+    env = _rehearsal_env(tmp_path, steps, limits)
     done = subprocess.run(
         ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=240
     )
-    return done, out
+    return done, Path(env["OUT"])
+
+
+def _needs_the_extension() -> None:
+    if _extension.load() is None:  # the rehearsal's steps load this build instead of compiling
+        pytest.skip("the extension does not build here")
 
 
 @pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="coreutils")
 def test_a_killed_step_keeps_the_log_summary_and_finished_steps(tmp_path):
-    if _extension.load() is None:  # the rehearsal's steps load this build instead of compiling
-        pytest.skip("the extension does not build here")
+    _needs_the_extension()
     done, out = _rehearse(tmp_path, "env,models-fp16,conv", "models-fp16=1")
     assert done.returncode == 1, done.stdout + done.stderr  # one step failed: the run says so
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "results.tgz", "summary.md"]
@@ -62,6 +74,38 @@ def test_a_killed_step_keeps_the_log_summary_and_finished_steps(tmp_path):
         conv = json.load(tar.extractfile(f"{run}/conv.json"))
     assert conv["environment"]["complete"] == "yes"
     assert {r["provider"] for r in conv["conv"]} >= {"eager", "fastcnn"}
+
+
+@pytest.mark.skipif(not shutil.which("timeout") or not shutil.which("tar"), reason="coreutils")
+def test_a_run_killed_mid_step_has_already_brought_back_the_steps_before(tmp_path):
+    """What the device tool returns from a command killed at its limit: $OUT as the last
+    finished step left it (the script itself gets no chance to publish again)."""
+    _needs_the_extension()
+    env = _rehearsal_env(tmp_path, "models-fp16,conv")  # run in the script's order
+    log = Path(env["OUT"]) / "gpu_check.log"
+    script = subprocess.Popen(
+        ["bash", str(SCRIPT)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "=== conv (limit" not in (log.read_text() if log.exists() else ""):
+            assert script.poll() is None, "the rehearsal ended before its second step"
+            assert time.monotonic() < deadline, "the second step did not start in 180 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(script.pid, signal.SIGKILL)  # the script and every step under it
+        script.wait()
+    out = Path(env["OUT"])
+    summary = (out / "summary.md").read_text()
+    run = summary.splitlines()[0].split()[3]  # "# GPU check <run> (commit ..."
+    assert run.startswith("rehearsal-cpu-"), summary
+    assert "models-fp16      ok" in summary, summary
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+        models = json.load(tar.extractfile(f"{run}/models-fp16/results.json"))
+    assert f"{run}/summary.md" in names and f"{run}/gpu_check.log" in names
+    assert models["environment"]["complete"] == "yes"
 
 
 def test_result_file_is_valid_after_every_row(tmp_path):
