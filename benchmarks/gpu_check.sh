@@ -184,8 +184,10 @@ if [ "$REHEARSE" = 1 ]; then  # tiny sizes, the CPU's backends, interpreter test
   TESTS_REST=(tests/test_bench.py -k bad_arguments)
   PARALLEL=()
   GRAPHS=()  # CUDA graphs need a GPU: the rehearsal times the plain calls
+  BUILD=()  # a machine without nvcc may rehearse too
 else
   GRAPHS=(--cuda-graphs)
+  BUILD=(--require-cuda)  # a build without its CUDA sources would leave Triton alone to measure
   MODELS=resnet50,googlenet BATCH_MODELS=256 BATCH_B1=1 BATCH_OPS=1,256 SIZE=() ITERS=10
   FP16=float16 BF16=bfloat16
   CONV=(--max-seconds 30 --precompile 8)
@@ -208,7 +210,7 @@ models_step() {  # models_step NAME LIMIT DTYPE BATCHES [FASTCNN-BENCH-ARGS...]
     --iters "$ITERS" --precompile "${SIZE[@]}" "$@" --out "$dir/$name"
 }
 
-step build 80 $PY -m fastcnn.build
+step build 80 $PY -m fastcnn.build "${BUILD[@]}"
 step env 20 $PY -m fastcnn.collect_env
 # Every CUDA path: the Triton kernels with their heuristic configs (two tests cover the tuned
 # ones; the conv sweep checks each tuned output before timing it), the extension's paths.

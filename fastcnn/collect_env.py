@@ -12,6 +12,30 @@ import sys
 
 import torch
 
+# The torch releases CI runs the whole suite on (.ci/run's two legs): the oldest is the GPU
+# machine's (.ci/gpu-machine-versions.txt) and pyproject.toml's floor, the newest is what the CI
+# machines install (tests/test_versions.py and .ci/run keep the three in step).
+TESTED_TORCH = ("2.11", "2.14")
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def torch_support(version: str = torch.__version__) -> str:
+    """Where `version` stands against the torch releases CI tests."""
+    oldest, newest = TESTED_TORCH
+    tested = f"CI tests {oldest} and {newest}"
+    here = _minor(version)
+    if here in (_minor(oldest), _minor(newest)):
+        return f"tested ({tested})"
+    if here < _minor(oldest):
+        return f"older than the oldest tested, unsupported ({tested})"
+    if here > _minor(newest):
+        return f"newer than the newest tested, untested ({tested})"
+    return f"between the tested releases, not run by CI ({tested})"
+
 
 def _run(cmd: list[str]) -> str | None:
     try:
@@ -60,6 +84,7 @@ def collect() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "torch": torch.__version__,
+        "torch support": torch_support(),
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "triton": triton_version,
         "CUDA toolkit (nvcc)": _nvcc_version(_extension.find_cuda_home()),
