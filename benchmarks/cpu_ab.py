@@ -2,7 +2,7 @@
 model, calls alternating between the feature off and on, so a drifting machine weighs on both
 alike (separate processes on a shared VM differ by up to 20%).
 
-  recycled  planned outputs reuse their last memory (fastcnn.ops._alloc.Recycled: convs,
+  recycled  planned outputs reuse their last memory (fastcnn.common.alloc.Recycled: convs,
             Inception blocks, max-pools) / off: a fresh output every call
   linear    fastcnn.nn.Linear (oneDNN, prepacked weight) / off: nn.Linear's forward (aten)
   winograd  3x3 convs as Winograd F(4x4, 3x3) where fastcnn.cpu.winograd chooses it / off:
@@ -28,24 +28,24 @@ import fastcnn
 from fastcnn.bench.measure import model_input
 from fastcnn.bench.providers import make_model
 from fastcnn.bench.results import ResultFile, time_samples
+from fastcnn.common import alloc
 from fastcnn.cpu import winograd
-from fastcnn.ops import _alloc
 
 
 @contextlib.contextmanager
 def _recycled(on: list[bool]) -> Iterator[None]:
-    recycled_get = _alloc.Recycled.get
+    recycled_get = alloc.Recycled.get
 
     def get(self, like):
         if on[0]:
             return recycled_get(self, like)
-        return _alloc.empty_strided(self.shape, self.strides, like)
+        return alloc.empty_strided(self.shape, self.strides, like)
 
-    _alloc.Recycled.get = get
+    alloc.Recycled.get = get
     try:
         yield
     finally:
-        _alloc.Recycled.get = recycled_get
+        alloc.Recycled.get = recycled_get
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from fastcnn import _trace
+from fastcnn.common.env import interpreting
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "eager")
 CONCRETE_BACKENDS = ("triton", "cuda", "cpu", "eager")
@@ -104,7 +105,6 @@ def _triton_status(device_type: str) -> BackendStatus:
         import triton
     except ImportError as exc:
         return BackendStatus(False, f"triton is not installed ({exc})")
-    from fastcnn.triton._common import interpreting  # no triton import: cheap and safe
 
     if device_type == "cuda":
         if not torch.cuda.is_available():

@@ -24,9 +24,9 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs():
-    """Every buffer an op allocates starts as NaN in every test (fastcnn/ops/_alloc.py): an
+    """Every buffer an op allocates starts as NaN in every test (fastcnn/ops/alloc.py): an
     element a kernel leaves unwritten cannot pass, whatever the allocator hands out."""
-    from fastcnn.ops._alloc import poisoned  # after TRITON_INTERPRET is set above
+    from fastcnn.common.alloc import poisoned  # after TRITON_INTERPRET is set above
 
     with poisoned():
         yield

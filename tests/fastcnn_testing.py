@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastcnn
-from fastcnn.triton._common import interpreting
+from fastcnn.common.env import interpreting
 
 # (rtol, atol) for comparing a kernel's output with the float64 reference, on the small,
 # order-1 outputs of the interpreter and CPU tests (a few roundings: see the rule below).

@@ -16,7 +16,7 @@ import pytest
 import torch
 from fuzz_graphs import InvalidProgram, Op, Program, find_mismatch, random_program, shrink
 
-from fastcnn.triton._common import interpreting
+from fastcnn.common.env import interpreting
 
 GRAPHS = int(os.environ.get("FASTCNN_FUZZ_GRAPHS", "200"))
 FIRST_SEED = int(os.environ.get("FASTCNN_FUZZ_SEED", "0"))

@@ -12,7 +12,8 @@ import torchvision
 from fastcnn_testing import assert_logits_close, randomize_batchnorm
 
 import fastcnn
-from fastcnn.cpu import inception, onednn, plan
+from fastcnn.common import plans, weight_cache
+from fastcnn.cpu import inception, onednn
 from fastcnn.nn import ConvBNAct
 
 pytestmark = pytest.mark.skipif(
@@ -71,21 +72,24 @@ def test_what_is_kept_per_shape_is_bounded():
     fast = fastcnn.optimize(model, backend="cpu")
     convs = [m for m in fast.modules() if isinstance(m, ConvBNAct)]
     with torch.no_grad():
-        for b in range(1, plan.MAX_PLANS + onednn.SHAPES_PER_WEIGHT + 2):
+        for b in range(1, plans.MAX_PLANS + weight_cache.KEYS_PER_WEIGHT + 2):
             x = torch.randn(b, 3, 32, 32).contiguous(memory_format=torch.channels_last)
             assert_logits_close(fast(x), model(x), torch.float32)
-    assert all(len(c._plans) <= plan.MAX_PLANS for c in convs)
-    assert any(len(c._plans) == plan.MAX_PLANS for c in convs)
-    assert all(len(onednn._packed[id(c.weight)][1]) == onednn.SHAPES_PER_WEIGHT for c in convs)
+    assert all(len(c._plans) <= plans.MAX_PLANS for c in convs)
+    assert any(len(c._plans) == plans.MAX_PLANS for c in convs)
+    assert all(len(onednn._packed[id(c.weight)][1]) == weight_cache.KEYS_PER_WEIGHT for c in convs)
 
 
 def test_inception_choices_are_bounded():
     model = _model("googlenet")
     fast = fastcnn.optimize(model, backend="cpu")
     with torch.no_grad():
-        for b in range(1, onednn.SHAPES_PER_WEIGHT + 3):
+        for b in range(1, weight_cache.KEYS_PER_WEIGHT + 3):
             fast(torch.randn(b, 3, 32, 32).contiguous(memory_format=torch.channels_last))
     blocks = [m for m in fast.modules() if isinstance(m, fastcnn.nn.FusedInception)]
     assert len(blocks) == 9
     for block in blocks:
-        assert len(inception._blocks[id(block.reduce_weight)][2]) == onednn.SHAPES_PER_WEIGHT
+        assert (
+            len(inception._blocks.kept(block.reduce_weight)["block"][1])
+            == weight_cache.KEYS_PER_WEIGHT
+        )

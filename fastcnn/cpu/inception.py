@@ -10,29 +10,28 @@ Which wins depends on the CPU, the batch and the block (measured on one Xeon: me
 where the wider GEMM keeps both cores busy and the copies are small; separate at batch 8). Both
 end with the pool branch and one concat into the output (torch's oneDNN ops cannot write into
 a channel slice without reading it back). The choice is kept per block and input shape, at
-most onednn.SHAPES_PER_WEIGHT shapes per block, and dies with the block's weights.
+most weight_cache.KEYS_PER_WEIGHT shapes per block, and dies with the block's weights.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 
 import torch
 
 from fastcnn import _trace
+from fastcnn.common import alloc
+from fastcnn.common.weight_cache import KEYS_PER_WEIGHT, WeightCache, signature
 from fastcnn.cpu import onednn
 from fastcnn.cpu.pool import max_pool2d_or_torch
-from fastcnn.ops import _alloc
 
 VARIANTS = ("merged", "separate")
 TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
 
-_lock = threading.Lock()
-# id(reduce_weight) -> ((its, the bias's and the widths' signatures), the three 1x1 weights and
-# biases apart, {shape: variant})
-_blocks: dict[int, tuple[tuple, tuple, dict[tuple, str]]] = {}
+_lock = threading.Lock()  # for the {shape: variant} maps
+# per reduce weight, under "block": (the three 1x1 weights and biases apart, {shape: variant})
+_blocks = WeightCache()
 
 
 def _split(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
@@ -46,19 +45,11 @@ def _split(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
 
 
 def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
-    # The split copies depend on the weight, the bias and the widths: any of them changing in
-    # place (or by .data) splits again.
-    key, sig = id(rw), (onednn.signature(rw), onednn.signature(rb), tuple(widths))
-    hit = _blocks.get(key)
-    if hit is not None and hit[0] == sig:
-        return hit
-    with _lock:
-        hit = _blocks.get(key)
-        if hit is None:
-            weakref.finalize(rw, _blocks.pop, key, None)
-        if hit is None or hit[0] != sig:
-            hit = _blocks[key] = (sig, _split(rw, rb, widths), {})
-        return hit
+    """(the split copies, {shape: variant}) of the block whose merged 1x1 weight is rw. They
+    depend on the weight, the bias and the widths: any of them changing in place (or by .data)
+    splits again and forgets the choices."""
+    sig = (signature(rw), signature(rb), tuple(widths))
+    return _blocks.get(rw, sig, "block", lambda: (_split(rw, rb, widths), {}))
 
 
 def _conv(x, w, b, k: int = 1) -> torch.Tensor:
@@ -112,7 +103,7 @@ def winograd_kxk(x, widths, w2, w3) -> bool:
 
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
     """(the four branch outputs of fastcnn.ops.inception through oneDNN, the variant run)."""
-    _, parts, chosen = _block(rw, rb, widths)
+    parts, chosen = _block(rw, rb, widths)
     shape = tuple(x.shape)
     variant = chosen.get(shape)
     if variant is None:
@@ -123,7 +114,7 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
         with _trace.trace():  # the trial calls' pool events are not this call's
             variant = _choose(run)
         with _lock:
-            if len(chosen) >= onednn.SHAPES_PER_WEIGHT:
+            if len(chosen) >= KEYS_PER_WEIGHT:
                 chosen.pop(next(iter(chosen)), None)  # the oldest shape
             chosen[shape] = variant
     return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant
@@ -157,10 +148,10 @@ def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_stride
     packers = {v: [packer(c, s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
                for v in VARIANTS}  # fmt: skip
     block = onednn._direct().onednn_inception
-    shape, output = tuple(x.shape), _alloc.Recycled(out_shape, out_strides)
+    shape, output = tuple(x.shape), alloc.Recycled(out_shape, out_strides)
 
     def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
-        _, parts, chosen = _block(rw, rb, widths)
+        parts, chosen = _block(rw, rb, widths)
         variant = chosen.get(shape)
         out = output.get(x)  # the last call's output memory where nothing holds it any more
         if variant is not None:

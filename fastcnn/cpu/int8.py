@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from fastcnn import _extension, _trace
-from fastcnn.cpu.onednn import PackCache
-from fastcnn.ops import _alloc
-from fastcnn.ops._dispatch import can_skip_dispatcher
+from fastcnn.common import alloc
+from fastcnn.common.dispatch import can_skip_dispatcher
+from fastcnn.common.weight_cache import WeightCache
 
 _onednn = torch.ops.onednn
 # The overloads themselves: resolving a packet's overload costs microseconds on every call.
@@ -70,7 +70,7 @@ def exact_here(weight_max: int) -> bool:
 
 
 # Packs per (input shape, x_scale, x_zp), bounded and pinned as fastcnn.cpu.onednn's fp32 ones.
-_cache = PackCache()
+_cache = WeightCache()
 
 
 def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
@@ -82,7 +82,7 @@ def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
 
 def prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x_shape) -> torch.Tensor:
     """weight in oneDNN's blocked int8 layout for this input shape and input quantization,
-    packed once (the last SHAPES_PER_WEIGHT shapes are kept)."""
+    packed once (the last KEYS_PER_WEIGHT shapes are kept)."""
 
     def pack() -> torch.Tensor:  # only on a miss: the hot path builds no arguments
         return _onednn.qconv_prepack(
@@ -142,7 +142,7 @@ def plan(
     tensors and qparams planned for (take the op again). It records `events` (what the op
     recorded for this call) and runs the one oneDNN primitive, with the weight packed for this
     input shape (`prepacked`: repacked if its values changed; the plan itself holds no pack, so
-    memory stays within SHAPES_PER_WEIGHT packs a weight). None where such calls must always
+    memory stays within KEYS_PER_WEIGHT packs a weight). None where such calls must always
     take the op (x not channels_last: the op converts it).
 
     qparams: ((x_scale, x_zp), (out_scale, out_zp), (residual_scale, residual_zp)).
@@ -200,18 +200,18 @@ def conversion_unsupported(x: torch.Tensor) -> str | None:
 
 def quantize(x: torch.Tensor, qparams: tuple) -> torch.Tensor:
     """float32 x (dense) -> uint8 in x's layout, qparams = (scale, zero_point); one pass."""
-    out = _alloc.empty_like(x, torch.uint8)  # x's strides
+    out = alloc.empty_like(x, torch.uint8)  # x's strides
     _extension.ops().quantize_u8_out(x, *qparams, out)
     return out
 
 
 def dequantize(q: torch.Tensor, qparams: tuple) -> torch.Tensor:
-    out = _alloc.empty_like(q, torch.float32)
+    out = alloc.empty_like(q, torch.float32)
     _extension.ops().dequantize_u8_out(q, *qparams, out)
     return out
 
 
 def requantize(q: torch.Tensor, source: tuple, target: tuple) -> torch.Tensor:
-    out = _alloc.empty_like(q, torch.uint8)
+    out = alloc.empty_like(q, torch.uint8)
     _extension.ops().requantize_u8_out(q, *source, *target, out)
     return out

@@ -42,7 +42,7 @@ def unsupported_reason(
 
 def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
     """weight in oneDNN's blocked layout for inputs of this batch size, packed once per weight
-    version (at most onednn.SHAPES_PER_WEIGHT batch sizes kept per weight)."""
+    version (at most weight_cache.KEYS_PER_WEIGHT batch sizes kept per weight)."""
     return onednn.cached_pack(
         weight, ("linear", batch), lambda: _mkldnn._reorder_linear_weight(weight.detach(), batch)
     )

@@ -17,61 +17,18 @@ version counter, so only a new storage or shape counts for them).
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 
 from fastcnn import _backend, _extension
+from fastcnn.common import alloc
+from fastcnn.common.shapes import output_shape
+from fastcnn.common.weight_cache import WeightCache, signature
 from fastcnn.cpu import winograd
-from fastcnn.ops import _alloc
-from fastcnn.ops.conv_bn_act import output_shape
 
 _mkldnn = torch.ops.mkldnn
 
 
-class PackCache:
-    """Packed (blocked-layout) copies of weights: id(weight) -> (signature, {shape key: packed},
-    pinned storage), the last SHAPES_PER_WEIGHT shape keys per weight. An entry dies with its
-    weight tensor and is replaced when the weight's signature changes; its storage is kept with
-    it, so that its address (in the signature) cannot come back with new values (weight.data =
-    ...) while the entry lives. Reads take no lock; packing does (serving threads may pack one
-    weight for two shapes at once). Used by the fp32 convs here and the int8 ones
-    (fastcnn.cpu.int8)."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[tuple, dict[tuple, torch.Tensor], object]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, weight: torch.Tensor, sig: tuple, shape_key: tuple, pack) -> torch.Tensor:
-        """The pack of `weight` (whose signature is `sig`) for `shape_key`, made by pack()."""
-        key = id(weight)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == sig:
-            packed = hit[1].get(shape_key)
-            if packed is not None:
-                return packed
-        with self._lock:
-            hit = self.entries.get(key)
-            if hit is None:
-                weakref.finalize(weight, self.entries.pop, key, None)
-            if hit is None or hit[0] != sig:  # new weight, or its values changed
-                hit = self.entries[key] = (sig, {}, weight.untyped_storage())
-            by_shape = hit[1]
-            packed = by_shape.get(shape_key)
-            if packed is None:
-                packed = pack()
-                if len(by_shape) >= SHAPES_PER_WEIGHT:
-                    del by_shape[next(iter(by_shape))]  # the oldest shape
-                by_shape[shape_key] = packed
-        return packed
-
-
-# Packed layouts kept per weight: oneDNN picks the blocked layout for the input shape, and a
-# weight packed for another shape is reordered again on every call (measured here: ResNet-50
-# packed at batch 1 and run at batch 8 took 557 ms instead of 424).
-SHAPES_PER_WEIGHT = 4
-_cache = PackCache()
+_cache = WeightCache()
 _packed = _cache.entries  # tests read it
 
 
@@ -88,23 +45,15 @@ def supports(dtype: torch.dtype) -> bool:
     return False
 
 
-def signature(weight: torch.Tensor) -> tuple:
-    # Inference tensors (made under torch.inference_mode) have no version counter: for them an
-    # in-place change of the same storage goes unnoticed; a new tensor is always noticed.
-    # The strides count too: `w.data = w.data.transpose(2, 3)` keeps the storage and version.
-    version = None if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.dtype)
-
-
 def cached_pack(weight: torch.Tensor, shape_key: tuple, pack) -> torch.Tensor:
     """pack()'s packed copy of weight for shape_key, made once per weight version (the last
-    SHAPES_PER_WEIGHT shape keys per weight are kept)."""
+    KEYS_PER_WEIGHT shape keys per weight are kept)."""
     return _cache.get(weight, signature(weight), shape_key, pack)
 
 
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
     """weight in oneDNN's blocked layout for this input shape, packed once (per weight version
-    and shape; the last SHAPES_PER_WEIGHT shapes are kept)."""
+    and shape; the last KEYS_PER_WEIGHT shapes are kept)."""
     shape = tuple(input_shape)
     return cached_pack(
         weight,
@@ -194,18 +143,18 @@ def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, re
     """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
     for these strides: the direct conv for tensors with these tensors' metadata, out None (a
     new tensor of out_shape/out_strides; with recycle, the last one's memory where nothing else
-    holds it: _alloc.Recycled) or the residual (in place). Per call only the weight's pack
+    holds it: alloc.Recycled) or the residual (in place). Per call only the weight's pack
     lookup, the output allocation and the C++ call."""
     conv, pack = _direct().onednn_conv, packer(x.shape, stride, padding, groups)
     w_shape, stride, padding = tuple(weight.shape), tuple(stride), tuple(padding)
     out_shape, out_strides = tuple(out_shape), tuple(out_strides)
-    recycled = _alloc.Recycled(out_shape, out_strides) if recycle else None
+    recycled = alloc.Recycled(out_shape, out_strides) if recycle else None
 
     def run(x, weight, bias, residual, out, winograd=None):
         packed, layout = pack(weight, winograd)
         if out is None:
             if recycled is None:
-                out = _alloc.empty_strided(out_shape, out_strides, x)
+                out = alloc.empty_strided(out_shape, out_strides, x)
             else:
                 out = recycled.get(x)
         if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):

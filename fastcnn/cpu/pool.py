@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _extension, _trace
-from fastcnn.cpu.plan import Plans
-from fastcnn.ops import _alloc
+from fastcnn.common import alloc
+from fastcnn.common.plans import Plans
+from fastcnn.common.shapes import strides_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # uint8: int8 models
 
@@ -61,7 +62,7 @@ def max_pool2d(
     """max_pool2d(x) by the extension, channels_last, for an x unsupported_reason accepts, into
     out (channels_last, output_shape's size) or a new tensor."""
     if out is None:
-        out = _alloc.empty(
+        out = alloc.empty(
             output_shape(x, kernel, stride, padding, ceil_mode), x, torch.channels_last
         )
     pair = [kernel, kernel], [stride, stride], [padding, padding]
@@ -71,12 +72,12 @@ def max_pool2d(
 
 def _recycled_output(outputs: Plans, x, kernel, stride, padding, ceil_mode) -> torch.Tensor:
     """The output of a pool layer's call on x: its last output at this shape where nothing
-    holds it any more (see _alloc.Recycled), else a new one."""
+    holds it any more (see alloc.Recycled), else a new one."""
     key = (x.shape, x.dtype, kernel, stride, padding, ceil_mode)
     recycled = outputs.get(key)
     if recycled is None:
         shape = output_shape(x, kernel, stride, padding, ceil_mode)
-        recycled = _alloc.Recycled(shape, _alloc.strides_of(shape, torch.channels_last))
+        recycled = alloc.Recycled(shape, strides_of(shape, torch.channels_last))
         outputs.add(key, recycled)
     return recycled.get(x)
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fastcnn import _backend, _trace, ops
-from fastcnn.cpu.plan import Plans
+from fastcnn.common.dispatch import can_skip_dispatcher
+from fastcnn.common.plans import Plans, plan_key
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.ops import _checks
-from fastcnn.ops._dispatch import can_skip_dispatcher
 from fastcnn.ops.conv_bn_act import plan as plan_conv
 
 
@@ -135,16 +135,11 @@ class ConvBNAct(nn.Module):
         if out is None and not _trace.active() and can_skip_dispatcher(x, residual):
             weight, bias = self._buffers["weight"], self._buffers["bias"]
             in_place = self.overwrite_residual and residual is not None
-            key = (
-                x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
-                weight.dtype, weight.device, bias.shape, bias.stride(), bias.dtype, bias.device,
-                None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                               residual.device),
-                in_place, self.backend or _backend.get_backend(),
-                # plain attributes a user may change after the first call: the plan bakes them in
+            key = plan_key(
+                (x, weight, bias, residual), in_place, self.backend or _backend.get_backend(),
                 self.stride, self.padding, self.groups, self.dilation, self.relu,
             )  # fmt: skip
-            run = self._plans.get(key)  # built inline: this runs on every call
+            run = self._plans.get(key)
             if run is None:
                 run = self._plan(x, residual, weight, bias, in_place) or False
                 self._plans.add(key, run)

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fastcnn import _backend, _trace, ops
-from fastcnn.cpu.plan import Plans
+from fastcnn.common.dispatch import can_skip_dispatcher
+from fastcnn.common.plans import Plans, plan_key
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.fold_bn import fold_bn
-from fastcnn.ops._dispatch import can_skip_dispatcher
 from fastcnn.ops.inception import plan as plan_inception
 
 _BUFFERS = ("reduce_weight", "reduce_bias", "w2", "b2", "w3", "b3", "w4", "b4")
@@ -153,11 +153,9 @@ class FusedInception(nn.Module):
         # The planned path, as in ConvBNAct: plain tensors, no out=, no trace recording; the
         # plan (fastcnn.ops.inception.plan) made once per signature and backend choice.
         if out is None and not _trace.active() and can_skip_dispatcher(x):
-            key = (
-                x.shape, x.stride(), x.dtype, x.device, self.backend or _backend.get_backend(),
-                tuple(self.widths), self.pool,
-                *[(t.shape, t.stride(), t.dtype, t.device) for t in args],
-            )  # fmt: skip
+            key = plan_key(
+                (x, *args), self.backend or _backend.get_backend(), tuple(self.widths), self.pool
+            )
             run = self._plans.get(key)
             if run is None:
                 run = self._plan(x, args) or False

@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 from fastcnn import _trace
+from fastcnn.common.plans import Plans
 from fastcnn.cpu import pool
-from fastcnn.cpu.plan import Plans
 
 
 class MaxPool2d(nn.MaxPool2d):
     """A drop-in nn.MaxPool2d (same arguments, no parameters). fastcnn.optimize swaps it in for
     square nn.MaxPool2d layers without dilation or return_indices; GoogLeNet and ResNet use it.
     On the extension's path it writes into its last output at the input's shape once nothing
-    holds that any more (fastcnn.ops._alloc.Recycled; at most MAX_PLANS shapes kept)."""
+    holds that any more (fastcnn.common.alloc.Recycled; at most MAX_PLANS shapes kept)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

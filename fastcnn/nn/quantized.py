@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from fastcnn import _backend, _trace, ops
-from fastcnn.cpu.plan import Plans
-from fastcnn.ops._dispatch import can_skip_dispatcher
+from fastcnn.common.dispatch import can_skip_dispatcher
+from fastcnn.common.plans import Plans, plan_key
+from fastcnn.ops import _checks
 from fastcnn.reference import round_half_even
 
 
@@ -229,13 +230,25 @@ class QConvBNAct(_QParamsModule):
         return module
 
     def forward(self, x, residual=None, out=None):
-        if out is None and x.device.type == "cpu" and self._may_plan(x, residual):
-            # a plan an earlier call made for this signature: the primitive, nothing else
-            key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.stride())
-            plan = self._plans.get(key)
-            qparams = (self.x_qparams, self.out_qparams, self.residual_qparams)
-            y = None if plan is None else plan(x, residual, *self._tensors(), qparams)
-            return self._run_and_plan(key, x, residual, qparams) if y is None else y
+        # The planned path (plans are made on the cpu backend, for plain tensors; first
+        # can_skip_dispatcher: False while torch.compile traces): a plan an earlier call made
+        # for this signature runs the primitive, nothing else.
+        if out is None and x.device.type == "cpu" and can_skip_dispatcher(x, residual):
+            backend = self.backend or _backend.get_backend()
+            if backend in ("cpu", "auto"):
+                in_place = self.overwrite_residual and residual is not None
+                key = plan_key(
+                    (x, residual, *self._tensors()), backend, self.stride, self.padding,
+                    self.relu, in_place,
+                )  # fmt: skip
+                if in_place:  # the op refuses this too: a conv cannot write over its input
+                    _checks.check_no_overlap("qconv_bn_act", residual, x=x)
+                plan = self._plans.get(key)
+                qparams = (self.x_qparams, self.out_qparams, self.residual_qparams)
+                y = None if plan is None else plan(x, residual, *self._tensors(), qparams)
+                if y is None:
+                    return self._run_and_plan(key, x, residual, qparams, in_place)
+                return y
         if self.backend is not None:
             with _backend.use_backend(self.backend):
                 return self._run(x, residual, out)
@@ -244,13 +257,7 @@ class QConvBNAct(_QParamsModule):
     def _tensors(self):
         return self.weight, self.weight_scale, self.bias
 
-    def _may_plan(self, x, residual) -> bool:
-        """May this call run a plan (plans are made on the cpu backend, for plain tensors)?"""
-        if not can_skip_dispatcher(x, residual):  # first: False while torch.compile traces
-            return False
-        return (self.backend or _backend.get_backend()) in ("cpu", "auto")
-
-    def _run_and_plan(self, key, x, residual, qparams):
+    def _run_and_plan(self, key, x, residual, qparams, in_place):
         """The op, then a plan for later calls like this one if it ran oneDNN's int8 kernel."""
         from fastcnn.cpu import int8
 
@@ -261,7 +268,6 @@ class QConvBNAct(_QParamsModule):
             _trace.record(*event)
         kernels = seen.kernels()
         if len(kernels) == 1 and next(iter(kernels)).startswith("cpu:onednn_int8"):
-            in_place = self.overwrite_residual and residual is not None
             plan = int8.plan(
                 x, self.weight, self.weight_scale, self.bias, self.stride, self.padding,
                 self.relu, qparams, residual, in_place, events,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastcnn.ops._dispatch import can_skip_dispatcher
+from fastcnn.common.dispatch import can_skip_dispatcher
 
 
 class FusedOp:

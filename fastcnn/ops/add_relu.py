@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace
-from fastcnn.ops import _alloc, _checks
+from fastcnn.common import alloc
+from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 
@@ -21,7 +22,7 @@ _OP = "add_relu"
 def _eager(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """reference.add_relu's arithmetic (x + r, then relu), written into out: no extra copy."""
     _trace.record(_OP, "eager", "reference")
-    out = _alloc.empty_like(x) if out is None else out
+    out = alloc.empty_like(x) if out is None else out
     return torch.add(x, residual, out=out).relu_()
 
 
@@ -30,7 +31,7 @@ def _into_buffer(backend: str, kernel):
 
     def run(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         _trace.record(_OP, backend, "elementwise")
-        out = _alloc.empty_like(x) if out is None else out
+        out = alloc.empty_like(x) if out is None else out
         kernel(x, residual, out)
         return out
 
@@ -72,7 +73,7 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 def _allocate(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return _alloc.empty_like(x)
+    return alloc.empty_like(x)
 
 
 _op = FusedOp("add_relu", "(Tensor x, Tensor residual)", _validate, _allocate, _run)

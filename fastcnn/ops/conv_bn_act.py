@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _extension, _trace, reference
-from fastcnn.ops import _alloc, _checks, _extension_paths
+from fastcnn.common import alloc
+from fastcnn.common.shapes import memory_format_of, output_shape, strides_of
+from fastcnn.ops import _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
 
@@ -96,15 +98,6 @@ def _pair(name: str, value, minimum: int, op: str = _OP) -> Pair:
     return pair
 
 
-def output_shape(x_shape, weight_shape, stride: Pair, padding: Pair, dilation: Pair) -> list[int]:
-    """[N, Cout, Ho, Wo] of conv2d, as torch computes it."""
-    n, _, h, w = x_shape
-    c_out, _, kh, kw = weight_shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return [n, c_out, ho, wo]
-
-
 def _validate(x, weight, bias, stride, padding, groups, dilation, residual, relu, out) -> None:
     _checks.check_dtype(_OP, "x", x)
     _checks.check_rank(_OP, "x", x, range(4, 5))
@@ -140,17 +133,6 @@ def _validate(x, weight, bias, stride, padding, groups, dilation, residual, relu
         _checks.check_out(_OP, out, torch.Size(shape), x)
 
 
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a channels_last (and not also NCHW-contiguous) x, else NCHW."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def new_output(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    """An empty [N, C, H, W] tensor in x's memory format (channels_last in, channels_last out)."""
-    return _alloc.empty(shape, x, memory_format_of(x))
-
-
 def as_result(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """A backend's own result y as the op's: copied into out, else in x's memory format (a
     copy only when y came out in another one)."""
@@ -160,7 +142,7 @@ def as_result(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> tor
 
 
 def _allocate(x, weight, bias, stride, padding, groups, dilation, residual, relu) -> torch.Tensor:
-    return new_output(x, output_shape(x.shape, weight.shape, stride, padding, dilation))
+    return alloc.new_output(x, output_shape(x.shape, weight.shape, stride, padding, dilation))
 
 
 def _run(x, weight, bias, stride, padding, groups, dilation, residual, relu, out):
@@ -211,7 +193,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
         return None
     stride, padding, dilation = args[3], args[4], args[6]
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    strides = _alloc.strides_of(shape, memory_format_of(x))
+    strides = strides_of(shape, memory_format_of(x))
     if impl is _cpu_impl:
         # fp32 through the extension's oneDNN calls: the pack lookup, the allocation, the call
         from fastcnn.cpu import onednn
@@ -250,7 +232,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
 
     def run(x, weight, bias, residual, out):
         if out is None:
-            out = _alloc.empty_strided(shape, strides, x)
+            out = alloc.empty_strided(shape, strides, x)
         launch(x, weight, bias, residual, out)
         return out
 

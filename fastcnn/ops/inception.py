@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
-from fastcnn.ops import _alloc, _checks, _extension_paths
+from fastcnn.common import alloc
+from fastcnn.common.shapes import memory_format_of, strides_of
+from fastcnn.ops import _checks, _extension_paths
 from fastcnn.ops._dispatch import extension_kernel, triton_kernel
 from fastcnn.ops._registry import FusedOp
-from fastcnn.ops.conv_bn_act import as_result, memory_format_of, new_output
+from fastcnn.ops.conv_bn_act import as_result
 
 _OP = "inception"
 _conv = triton_kernel("conv_bn_act", "conv_bn_act_out")
@@ -35,7 +37,7 @@ def _triton_impl(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
     if x.stride(1) != 1:  # once here rather than in two launches
         x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
-    scratch = new_output(x, [n, rw.shape[0] - c1, h, w])  # the two reduce results
+    scratch = alloc.new_output(x, [n, rw.shape[0] - c1, h, w])  # the two reduce results
     slices = torch.split(out, [c1, c2, c3, w4.shape[0]], dim=1)
     same, none = (1, 1), (0, 0)
     _conv(x, rw, rb, None, slices[0], same, none, True, out2=scratch)
@@ -137,7 +139,7 @@ def _validate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out) -> None:
 
 
 def _allocate(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> torch.Tensor:
-    return new_output(x, _out_shape(x, widths, w2, w3, w4))
+    return alloc.new_output(x, _out_shape(x, widths, w2, w3, w4))
 
 
 def _run(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out):
@@ -179,7 +181,7 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool):
     if not onednn.supports(x.dtype):
         return None
     shape = _out_shape(x, widths, w2, w3, w4)
-    strides = _alloc.strides_of(shape, memory_format_of(x))
+    strides = strides_of(shape, memory_format_of(x))
     return cpu_inception.bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), shape,
                                strides)  # fmt: skip
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 
 from fastcnn import _backend, _trace, reference
+from fastcnn.common import alloc
+from fastcnn.common.shapes import output_shape
 from fastcnn.ops import _checks
 from fastcnn.ops._dispatch import triton_kernel
 from fastcnn.ops._registry import FusedOp
-from fastcnn.ops.conv_bn_act import _pair, as_result, new_output, output_shape
+from fastcnn.ops.conv_bn_act import _pair, as_result
 
 _OP = "qconv_bn_act"
 _CL = torch.channels_last
@@ -139,7 +141,7 @@ def _validate(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, 
 
 
 def _allocate(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, oz):
-    return new_output(x, output_shape(x.shape, w.shape, stride, padding, [1, 1]))
+    return alloc.new_output(x, output_shape(x.shape, w.shape, stride, padding, [1, 1]))
 
 
 def _run(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, oz, out):

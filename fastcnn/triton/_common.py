@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-
-def interpreting() -> bool:
-    """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit

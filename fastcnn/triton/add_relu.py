@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcnn.triton._common import interpreting
+from fastcnn.common.env import interpreting
 
 _MAX_DIMS = 4
 

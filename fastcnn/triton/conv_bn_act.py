@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcnn.triton._common import conv_meta, gemm_tile, interpreting, output_pixels
+from fastcnn.common.env import interpreting
+from fastcnn.triton._common import conv_meta, gemm_tile, output_pixels
 
 # Hopper-leaning configs (H100/H200): large tiles with 3-4 stages feed wgmma; smaller ones cover
 # narrow layers (Cout 16-64) and small M. Keyed on the GEMM shape, tuned once per GPU and kept.

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcnn.common.env import interpreting
 from fastcnn.reference import requantize_multiplier
-from fastcnn.triton._common import conv_meta, gemm_tile, interpreting, output_pixels
+from fastcnn.triton._common import conv_meta, gemm_tile, output_pixels
 
 # Ampere/Hopper int8 tiles: K chunks of 64-128 bytes feed mma.m16n8k32 / wgmma k32.
 _GPU_CONFIGS = [

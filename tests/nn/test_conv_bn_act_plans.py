@@ -1,5 +1,5 @@
 """ConvBNAct's per-signature plans on the cpu backend (fastcnn.ops.conv_bn_act.plan, kept in a
-bounded fastcnn.cpu.plan.Plans): later calls skip the op's checks and dispatch, grouped convs
+bounded fastcnn.common.plans.Plans): later calls skip the op's checks and dispatch, grouped convs
 too, and stay right when the weights or overwrite_residual change."""
 
 from __future__ import annotations

@@ -71,13 +71,13 @@ def test_the_structure_is_chosen_once_per_shape_and_dies_with_the_block():
         inception._choose = real_choose
     assert len(calls) == 2  # one timing per input shape
     assert t.counts("max_pool2d").total() == 5  # the timing runs' own pools are not recorded
-    chosen = inception._blocks[id(fused.reduce_weight)][2]
+    chosen = inception._blocks.kept(fused.reduce_weight)["block"][1]
     assert set(chosen) == {tuple(x1.shape), tuple(x2.shape)}
     assert set(chosen.values()) <= set(inception.VARIANTS)
     key = id(fused.reduce_weight)
     del fused
     gc.collect()
-    assert key not in inception._blocks
+    assert key not in inception._blocks.entries
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

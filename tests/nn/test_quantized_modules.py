@@ -13,8 +13,8 @@ import torch
 
 import fastcnn
 from fastcnn import reference
+from fastcnn.common.plans import MAX_PLANS
 from fastcnn.cpu import int8
-from fastcnn.cpu.plan import MAX_PLANS
 from fastcnn.nn.quantized import (
     Dequantize,
     QConvBNAct,
@@ -97,6 +97,37 @@ def test_residual_plans(in_place):
             y = m(x, residual=r)
             _close(y, _expected(m, x, kept))
             assert (y is r) == in_place and (torch.equal(r, kept) != in_place)
+
+
+def test_plans_follow_attribute_changes_after_the_first_call():
+    """relu and overwrite_residual are plain attributes: a plan made before a change must not
+    run after it (the plan key holds every attribute the plan bakes in)."""
+    m = _module(k=1, residual=True)
+    m.overwrite_residual = True
+    x = _u8((2, 16, 6, 6), 3)
+    with torch.no_grad():
+        m(x, residual=_u8((2, 24, 6, 6), 4))  # plans with ReLU, in place
+        m.overwrite_residual, m.relu = False, False
+        for seed in (5, 6):  # the op, then the new plan
+            r = _u8((2, 24, 6, 6), seed)
+            kept = r.clone()
+            y = m(x, residual=r)
+            assert torch.equal(r, kept), "the caller's residual was overwritten"
+            _close(y, _expected(m, x, kept))
+    assert not m.relu and (_expected(m, x, kept) < m.out_qparams.zero_point).any()
+
+
+def test_a_planned_call_refuses_a_residual_that_overlaps_x():
+    """In place, the conv would write over the input it reads (the op refuses it; so does the
+    plan, on every call)."""
+    m = _module(k=1, cin=24, residual=True)
+    m.overwrite_residual = True
+    x = _u8((2, 24, 6, 6), 3)
+    with torch.no_grad():
+        m(x, residual=_u8((2, 24, 6, 6), 4))  # a plan for these metadata
+        for _ in range(2):
+            with pytest.raises(ValueError, match="overlaps x"):
+                m(x, residual=x)
 
 
 def test_plans_follow_weight_and_qparams_changes():

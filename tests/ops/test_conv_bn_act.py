@@ -21,6 +21,7 @@ from fastcnn_testing import (
 )
 
 import fastcnn
+from fastcnn.common.shapes import output_shape
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 BACKENDS = op_backend_params(conv_module._IMPLS)
@@ -33,9 +34,7 @@ def _inputs(case, dtype, device, channels_last, residual, seed=0):
     x, weight, bias = random_conv_inputs(
         cin, cout, case.kernel, h, w, dtype, device, channels_last=channels_last, seed=seed
     )
-    shape = conv_module.output_shape(
-        x.shape, weight.shape, [case.stride] * 2, [case.padding] * 2, [1, 1]
-    )
+    shape = output_shape(x.shape, weight.shape, [case.stride] * 2, [case.padding] * 2, [1, 1])
     # the residual in x's layout, as a network makes it (another layout costs the cpu backend
     # a copy, which its trace reports: test_residual_in_another_layout)
     res = random_tensor(shape, dtype, device, channels_last, seed=seed + 1) if residual else None
@@ -182,7 +181,7 @@ def test_grouped_conv_on_triton(cin, cout, groups, kernel, stride):
     weight = torch.randn(cout, cin // groups, kernel, kernel, generator=g) * 0.3
     bias = torch.randn(cout, generator=g) * 0.1
     pad = kernel // 2
-    shape = conv_module.output_shape(x.shape, weight.shape, [stride] * 2, [pad] * 2, [1, 1])
+    shape = output_shape(x.shape, weight.shape, [stride] * 2, [pad] * 2, [1, 1])
     residual = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     big = torch.full((2, cout + 6, *shape[2:]), float("nan"))
     big = big.contiguous(memory_format=torch.channels_last)

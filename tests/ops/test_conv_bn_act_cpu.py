@@ -10,6 +10,7 @@ import torch
 from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs, runs_on
 
 import fastcnn
+from fastcnn.common.weight_cache import KEYS_PER_WEIGHT
 from fastcnn.cpu import onednn, winograd
 
 pytestmark = pytest.mark.skipif(
@@ -52,16 +53,16 @@ def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
     """oneDNN picks the weight layout for the input shape (a weight packed for batch 1 is
     reordered on every batch-8 call): one packing per shape, the newest few kept."""
     _, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
-    shapes = [(b, 13, 7 + b, 5) for b in range(1, onednn.SHAPES_PER_WEIGHT + 3)]
+    shapes = [(b, 13, 7 + b, 5) for b in range(1, KEYS_PER_WEIGHT + 3)]
     for i, shape in enumerate(shapes):
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
         expected = conv_reference64(x, weight, bias, 1, 1)
         assert_matches(_run(x, weight, bias), expected, torch.float32)
         kept = list(onednn._packed[id(weight)][1])
-        assert kept[-1] == onednn.pack_key(x) and len(kept) == min(i + 1, onednn.SHAPES_PER_WEIGHT)
+        assert kept[-1] == onednn.pack_key(x) and len(kept) == min(i + 1, KEYS_PER_WEIGHT)
     keys = [onednn.pack_key(torch.empty(s).contiguous(memory_format=torch.channels_last))
             for s in shapes]  # fmt: skip
-    assert kept == keys[-onednn.SHAPES_PER_WEIGHT :]
+    assert kept == keys[-KEYS_PER_WEIGHT:]
 
 
 class _NoTorchPath:

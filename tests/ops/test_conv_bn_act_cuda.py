@@ -24,6 +24,7 @@ from fastcnn_testing import (
 )
 
 import fastcnn
+from fastcnn.common.shapes import output_shape
 
 conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 
@@ -45,7 +46,7 @@ def _run_case(case, dtype, backend, *, residual=True, out_slice=False, batch=2):
     cin, cout, h, w = case.full
     x, weight, bias = random_conv_inputs(cin, cout, case.kernel, h, w, dtype, "cuda", batch=batch)
     pair = [case.stride] * 2, [case.padding] * 2
-    shape = conv_module.output_shape(x.shape, weight.shape, *pair, [1, 1])
+    shape = output_shape(x.shape, weight.shape, *pair, [1, 1])
     # an NHWC residual, as fastcnn's models make it: what the cuBLASLt epilogue reads
     res = random_tensor(shape, dtype, "cuda", channels_last=True, seed=7) if residual else None
     out = None

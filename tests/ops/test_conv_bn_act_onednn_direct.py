@@ -11,8 +11,8 @@ import torch
 from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs, random_tensor
 
 from fastcnn import _backend, _extension
+from fastcnn.common.shapes import strides_of
 from fastcnn.cpu import onednn
-from fastcnn.ops import _alloc
 
 _ext = _extension.load()
 needs_direct = pytest.mark.usefixtures("onednn_direct")  # conftest.py: skips without it
@@ -80,7 +80,7 @@ def test_a_bound_conv_without_an_optimized_kernel_takes_the_op_path(residual):
     r = random_tensor((2, 20, 9, 7), torch.float32, "cpu", channels_last=True, seed=10)
     r = r if residual else None
     out_shape = (2, 20, 9, 7)
-    out_strides = _alloc.strides_of(out_shape, torch.channels_last)
+    out_strides = strides_of(out_shape, torch.channels_last)
     run = onednn.bound(x, weight, bias, (1, 1), (1, 1), r, True, out_shape, out_strides)
     assert run is not None
     with warnings.catch_warnings():

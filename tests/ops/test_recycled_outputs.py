@@ -1,4 +1,4 @@
-"""fastcnn.ops._alloc.Recycled: a planned CPU call's output memory is handed out again only when
+"""fastcnn.common.alloc.Recycled: a planned CPU call's output memory is handed out again only when
 nothing else holds it, never to two callers at once, poisoned like any new buffer in tests; and
 planned convs' outputs kept by the caller keep their values."""
 
@@ -12,13 +12,13 @@ from fastcnn_testing import assert_matches, conv_reference64, random_tensor
 
 import fastcnn
 from fastcnn import _extension
-from fastcnn.ops import _alloc
+from fastcnn.common import alloc
 
 _LIKE = torch.empty(1)
 
 
 def _recycled():
-    return _alloc.Recycled((2, 3, 4), (12, 4, 1))
+    return alloc.Recycled((2, 3, 4), (12, 4, 1))
 
 
 def test_the_memory_comes_back_once_nothing_holds_it():
@@ -114,7 +114,7 @@ def test_outside_inference_mode_no_inference_tensor_is_handed_out():
 
 def test_a_recycled_buffer_is_poisoned_again_in_tests():
     buffers = _recycled()
-    with _alloc.poisoned(float("nan")):
+    with alloc.poisoned(float("nan")):
         first = buffers.get(_LIKE)
         first.fill_(1.0)
         del first

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fastcnn.common.shapes import memory_format_of
+
 _poison: float | None = None
 
 
@@ -102,10 +104,9 @@ def _only_ours() -> tuple[int, int]:
 _ONLY_OURS = _only_ours()
 
 
-def strides_of(shape, memory_format=torch.contiguous_format) -> tuple[int, ...]:
-    """The strides torch gives a new dense [shape] tensor in memory_format (for empty_strided:
-    computed once when planning, without allocating)."""
-    return torch.empty(shape, device="meta", memory_format=memory_format).stride()
+def new_output(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """An empty [N, C, H, W] tensor in x's memory format (channels_last in, channels_last out)."""
+    return empty(shape, x, memory_format_of(x))
 
 
 def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

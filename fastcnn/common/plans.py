@@ -1,11 +1,12 @@
-"""The bounded map in which a fused module keeps its per-signature plans
-(fastcnn.ops.conv_bn_act.plan: checks and backend pick done once per input signature).
+"""Plans: what a fused module makes once per call signature (the argument checks, the backend
+pick, the kernel and its output layout resolved), so that later calls only launch.
 
-A server that sees many input shapes must not grow without bound: each module keeps at most
-MAX_PLANS plans, the newest signatures. Plans hold no packed weights (fastcnn.cpu.onednn keeps
-at most SHAPES_PER_WEIGHT packs per weight), so a model's memory per shape stays within those
-two bounds whatever mix of batch sizes it serves. The map is read without a lock and replaced
-whole under one: concurrent calls from several threads each find a complete plan or none.
+A plan is a callable; a module keeps its plans in a Plans map, under the key `plan_key` builds
+from the call's tensors and everything else the plan bakes in. Each module keeps at most
+MAX_PLANS plans, the newest signatures, so a server that sees many input shapes does not grow
+without bound; plans hold no packed weights (fastcnn.common.weight_cache keeps those, a bounded
+number per weight). The map is read without a lock and replaced whole under one: concurrent
+calls from several threads each find a complete plan or none.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import threading
 from collections.abc import Callable
 
 MAX_PLANS = 8
+
+
+def plan_key(tensors, *attributes) -> tuple:
+    """The key of a plan: each tensor's (shape, strides, dtype, device), None for an absent one,
+    then `attributes`, everything else the plan bakes in (the backend choice, a module's plain
+    attributes that a user may change after the first call). Built on every call: keep it flat."""
+    return (
+        *[None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors],
+        *attributes,
+    )
 
 
 class Plans:
