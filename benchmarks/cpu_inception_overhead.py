@@ -69,8 +69,8 @@ def measure(batch: int, calls: int) -> dict:
     model = make_model("googlenet", torch.float32, "cpu")
     x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
     fused = fastcnn.optimize(model.to(memory_format=torch.channels_last))
-    ext = onednn._direct()
-    recorder = onednn._direct_module[0] = _Recorder(ext)
+    ext = onednn.linked_extension()
+    recorder = onednn._extension_module[0] = _Recorder(ext)
     try:
         with torch.inference_mode():
             for _ in range(3):  # plans (with the recorder), packs, chooses each structure
@@ -78,7 +78,7 @@ def measure(batch: int, calls: int) -> dict:
             recorder.recording = True
             fused(x)
     finally:
-        onednn._direct_module[0] = ext
+        onednn._extension_module[0] = ext
     blocks = recorder.calls
     with torch.inference_mode():
         convs = _convs_alone(ext, blocks)
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("inception_overhead.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if onednn._direct() is None:
+    if onednn.linked_extension() is None:
         raise SystemExit("the extension was built without the oneDNN library: no block call")
     results = ResultFile(
         args.out,

@@ -52,8 +52,25 @@ def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
     return _blocks.get(rw, sig, "block", lambda: (_split(rw, rb, widths), {}))
 
 
-def _conv(x, w, b, k: int = 1) -> torch.Tensor:
-    return onednn.conv_bn_act(x, w, b, (1, 1), (k // 2, k // 2), None, True)
+def _plan(x, w, b) -> onednn.ConvPlan:
+    """A "same"-padded stride-1 conv of the block with ReLU."""
+    k = w.shape[-1]
+    return onednn.plan(x, w, b, (1, 1), (k // 2, k // 2), 1, None, True)
+
+
+def _conv(x, w, b) -> torch.Tensor:
+    return _plan(x, w, b)(x, w, b, None)
+
+
+def _conv_of_slice(r, w, b) -> torch.Tensor:
+    """A kxk conv of a channel slice r of the merged reduce's output: read in place where it
+    runs as Winograd (as the C++ block call does), else from a dense copy (oneDNN has no
+    optimized kernel reading a channel slice; torch's op copies it too)."""
+    conv = _plan(r, w, b)
+    use_winograd = conv.winograd_now()
+    if use_winograd:
+        return conv(r, w, b, None, None, use_winograd)
+    return _conv(r.contiguous(memory_format=torch.channels_last), w, b)
 
 
 def _branches(variant: str, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool) -> list:
@@ -61,16 +78,10 @@ def _branches(variant: str, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, po
         c1, c2r, _ = widths
         reduced = _conv(x, rw, rb)
         y1, r2, r3 = reduced[:, :c1], reduced[:, c1 : c1 + c2r], reduced[:, c1 + c2r :]
-        # dense copies of the reduce slices: oneDNN has no optimized kernel reading a channel
-        # slice (torch's op copies it too; the direct path would fall back to it). A Winograd
-        # conv reads its slice in place (as the C++ block call does).
-        r2, r3 = (r if onednn.direct(r) and _winograd(r.shape, w) else
-                  r.contiguous(memory_format=torch.channels_last)
-                  for r, w in ((r2, w2), (r3, w3)))  # fmt: skip
+        y2, y3 = _conv_of_slice(r2, w2, b2), _conv_of_slice(r3, w3, b3)
     else:
         y1, r2, r3 = (_conv(x, w, b) for w, b in parts)
-    y2 = _conv(r2, w2, b2, w2.shape[-1])
-    y3 = _conv(r3, w3, b3, w3.shape[-1])
+        y2, y3 = _conv(r2, w2, b2), _conv(r3, w3, b3)
     y4 = _conv(max_pool2d_or_torch(x, pool, 1, pool // 2, True), w4, b4)
     return [y1, y2, y3, y4]
 
@@ -89,16 +100,19 @@ def _choose(run) -> str:
     return min(VARIANTS, key=best.__getitem__)
 
 
-def _winograd(input_shape, w) -> bool:
-    """Does the direct path run a "same"-padded stride-1 conv of w as Winograd?"""
-    return onednn.uses_winograd(input_shape, w, (1, 1), (w.shape[-1] // 2,) * 2, 1)
+def _packer(input_shape, weight_shape) -> onednn.Packer:
+    """The direct path's packer of a "same"-padded stride-1 conv of the block."""
+    k = weight_shape[-1]
+    return onednn.Packer(input_shape, weight_shape, (1, 1), (k // 2, k // 2))
 
 
 def winograd_kxk(x, widths, w2, w3) -> bool:
     """Does one of the block's kxk convs run as Winograd (fastcnn.cpu.winograd) for x?"""
+    if not onednn.direct(x):
+        return False
     n, _, h, w = x.shape
     kxk = ((widths[1], w2), (widths[2], w3))
-    return onednn.direct(x) and any(_winograd((n, c, h, w), wt) for c, wt in kxk)
+    return any(_packer((n, c, h, w), wt.shape).winograd_now() for c, wt in kxk)
 
 
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
@@ -120,8 +134,8 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
     return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant
 
 
-def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
-    """A run(x, rw, rb, w2, b2, w3, b3, w4, b4) for later calls whose tensors have these
+def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
+    """A plan(x, rw, rb, w2, b2, w3, b3, w4, b4) for later calls whose tensors have these
     tensors' metadata: the variant chosen for the shape (as `branches` chooses it, on the first
     call), then the whole block as ONE C++ call (csrc/cpu/onednn_inception.cpp: the direct
     oneDNN convs, the pool and the concat) with the weights' packed copies, looked up per call
@@ -134,10 +148,6 @@ def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_stride
     n, c_in, h, w = x.shape
     c1, c2r, c3r = widths
 
-    def packer(c: int, weight_shape):
-        k = weight_shape[-1]
-        return onednn.packer((n, c, h, w), (1, 1), (k // 2, k // 2))
-
     reduces = [(c1, c_in, 1, 1), (c2r, c_in, 1, 1), (c3r, c_in, 1, 1)]
     w_sizes = {  # each structure's convs in the C++ call's order
         "merged": [tuple(rw.shape), tuple(w2.shape), tuple(w3.shape), tuple(w4.shape)],
@@ -145,9 +155,9 @@ def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_stride
                      tuple(w4.shape)],
     }  # fmt: skip
     c_ins = {"merged": [c_in, c2r, c3r, c_in], "separate": [c_in, c_in, c2r, c_in, c3r, c_in]}
-    packers = {v: [packer(c, s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
+    packers = {v: [_packer((n, c, h, w), s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
                for v in VARIANTS}  # fmt: skip
-    block = onednn._direct().onednn_inception
+    block = onednn.linked_extension().onednn_inception
     shape, output = tuple(x.shape), alloc.Recycled(out_shape, out_strides)
 
     def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
@@ -160,7 +170,8 @@ def bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_stride
             else:
                 (w1, b1), (w2r, b2r), (w3r, b3r) = parts
                 convs = ((w1, b1), (w2r, b2r), (w2, b2), (w3r, b3r), (w3, b3), (w4, b4))
-            packs = [pack(wt) for pack, (wt, _) in zip(packers[variant], convs, strict=True)]
+            packs = [pack(wt, pack.winograd_now())
+                     for pack, (wt, _) in zip(packers[variant], convs, strict=True)]  # fmt: skip
             if block(x, [p for p, _ in packs], [layout for _, layout in packs],
                      w_sizes[variant], [b for _, b in convs], widths, pool, out):  # fmt: skip
                 return out

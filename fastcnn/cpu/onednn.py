@@ -21,7 +21,7 @@ import torch
 
 from fastcnn import _backend, _extension
 from fastcnn.common import alloc
-from fastcnn.common.shapes import output_shape
+from fastcnn.common.shapes import output_shape, strides_of
 from fastcnn.common.weight_cache import WeightCache, signature
 from fastcnn.cpu import winograd
 
@@ -64,12 +64,13 @@ def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 
     )
 
 
-_direct_module: list = []  # [the extension, or None]: resolved on first use
+_extension_module: list = []  # [the extension, or None]: resolved on first use
 
 
-def _direct():
-    """The extension with its direct oneDNN convolutions, or None (noted once)."""
-    if not _direct_module:
+def linked_extension():
+    """The extension when it links the oneDNN library (its direct convolutions), else None
+    (noted once)."""
+    if not _extension_module:
         ext = _extension.load()
         if ext is None or not hasattr(ext, "onednn_conv"):
             _backend.note_once(
@@ -79,138 +80,36 @@ def _direct():
                 "through torch's mkldnn ops, 20-45 µs slower a call",
             )
             ext = None
-        _direct_module.append(ext)
-    return _direct_module[0]
+        _extension_module.append(ext)
+    return _extension_module[0]
 
 
-def pack_key(x: torch.Tensor, winograd: bool = False) -> tuple:
-    """The key of x's packed weight in the pack cache: the two paths pack apart (torch's
+def pack_key(x: torch.Tensor, use_winograd: bool = False) -> tuple:
+    """The key of x's packed weight in the weight cache: the two paths pack apart (torch's
     packed tensor, or the direct path's bytes), both per input shape; the direct path's also
     per thread count and per kind (a Winograd pack or oneDNN's; see _direct_pack_key)."""
     shape = tuple(x.shape)
-    return _direct_pack_key(shape, winograd) if direct(x) else shape
+    return _direct_pack_key(shape, use_winograd) if direct(x) else shape
 
 
-def _direct_pack_key(shape: tuple, winograd: bool) -> tuple:
+def _direct_pack_key(shape: tuple, use_winograd: bool) -> tuple:
     # oneDNN picks the packed layout for the thread count too, and a layout packed for another
     # count may have no optimized kernel at this one (GoogLeNet packed at 2 threads and run at
     # 1: two convs fell back to torch's path for good): a new count packs anew. Read per call,
     # as torch.set_num_threads may change between calls of one plan. A Winograd pack and
     # oneDNN's are kept apart (Winograd switched off, then on again: each pack is still there).
-    return ("direct", torch.get_num_threads(), winograd, *shape)
-
-
-def uses_winograd(input_shape, weight, stride, padding, groups) -> bool:
-    """Does the direct path run this conv as Winograd (fastcnn.cpu.winograd)?"""
-    return winograd.chosen(input_shape, weight.shape, stride, padding, groups, weight.dtype)
+    return ("direct", torch.get_num_threads(), use_winograd, *shape)
 
 
 def direct(x: torch.Tensor) -> bool:
-    """Does conv_bn_act run x through the direct oneDNN path (fp32, channels innermost)?"""
-    return x.dtype == torch.float32 and x.stride(1) == 1 and _direct() is not None
-
-
-def _channels_last_residual(x, residual, in_place) -> tuple[torch.Tensor | None, bool]:
-    """(the residual in x's layout, whether it is still written in place): a residual in
-    another layout is copied (see residual_copy_reason; the copy is a new tensor already)."""
-    if residual_copy_reason(x, residual) is None:
-        return residual, in_place
-    return residual.contiguous(memory_format=torch.channels_last), False
-
-
-def packer(input_shape, stride, padding, groups=1):
-    """pack(weight, winograd=None) -> (packed bytes, layout id): the direct path's packed copy
-    of a weight for convs of (fp32, channels_last) inputs of input_shape, made once per weight
-    version (PackCache): transformed for Winograd where `winograd` says so (None: where
-    fastcnn.cpu.winograd chooses it, read once here, so the key and the pack always agree)."""
-    pack_weight = _direct().onednn_conv_pack
-    shape = tuple(input_shape)
-    stride, padding = tuple(stride), tuple(padding)
-
-    def pack(weight, winograd=None):
-        if winograd is None:
-            winograd = uses_winograd(shape, weight, stride, padding, groups)
-        return cached_pack(
-            weight,
-            _direct_pack_key(shape, winograd),
-            lambda: pack_weight(weight, shape, stride, padding, groups, winograd),
-        )
-
-    return pack
-
-
-def _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides, recycle=False):
-    """run(x, weight, bias, residual, out) -> out, or None where oneDNN has no optimized kernel
-    for these strides: the direct conv for tensors with these tensors' metadata, out None (a
-    new tensor of out_shape/out_strides; with recycle, the last one's memory where nothing else
-    holds it: alloc.Recycled) or the residual (in place). Per call only the weight's pack
-    lookup, the output allocation and the C++ call."""
-    conv, pack = _direct().onednn_conv, packer(x.shape, stride, padding, groups)
-    w_shape, stride, padding = tuple(weight.shape), tuple(stride), tuple(padding)
-    out_shape, out_strides = tuple(out_shape), tuple(out_strides)
-    recycled = alloc.Recycled(out_shape, out_strides) if recycle else None
-
-    def run(x, weight, bias, residual, out, winograd=None):
-        packed, layout = pack(weight, winograd)
-        if out is None:
-            if recycled is None:
-                out = alloc.empty_strided(out_shape, out_strides, x)
-            else:
-                out = recycled.get(x)
-        if conv(x, packed, layout, w_shape, bias, residual, out, stride, padding, groups, relu):
-            return out
-        return None
-
-    return run
-
-
-def _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups, winograd):
-    """The direct path's result, or None where oneDNN has no optimized kernel for these
-    strides (noted once; the torch path then runs it). A Winograd conv always runs."""
-    residual, in_place = _channels_last_residual(x, residual, in_place)
-    out_shape = output_shape(x.shape, weight.shape, stride, padding, (1, 1))
-    _, c_out, ho, wo = out_shape
-    out_strides = (ho * wo * c_out, 1, wo * c_out, c_out)  # channels_last
-    run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides)
-    bias = bias if bias is None else bias.contiguous()  # oneDNN reads it as a dense vector
-    y = run(x, weight, bias, residual, residual if in_place else None, winograd)
-    if y is None:
-        out_strides = residual.stride() if in_place else out_strides
-        _backend.note_once(
-            ("conv_bn_act", f"onednn-strides-{x.stride()}-{out_strides}"),
-            f"fastcnn: oneDNN has no optimized kernel for x strides {x.stride()} and output "
-            f"strides {out_strides}: torch's mkldnn op runs this conv (a dense copy first)",
-        )
-    return y
-
-
-def bound(x, weight, bias, stride, padding, residual, relu, out_shape, out_strides, groups=1):
-    """A run(x, weight, bias, residual, out) through the direct path for later calls whose
-    tensors have these tensors' metadata, out None (a new tensor of out_shape/out_strides) or
-    the residual (in place), as fastcnn.ops.conv_bn_act.plan promises (see _runner). None where
-    the direct path does not take such calls (then the op's own path runs them)."""
-    if not direct(x) or x.dtype != weight.dtype or residual_copy_reason(x, residual):
-        return None
-    if bias is not None and not bias.is_contiguous():
-        return None
-    direct_run = _runner(x, weight, stride, padding, groups, relu, out_shape, out_strides,
-                         recycle=True)  # fmt: skip
-
-    def run(x, weight, bias, residual, out):
-        y = direct_run(x, weight, bias, residual, out)
-        if y is not None:
-            return y
-        # no optimized kernel for these strides (the same every call: noted once there)
-        in_place = out is not None and out is residual
-        return conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups)
-
-    return run
+    """Does a conv of x run through the direct oneDNN path (fp32, channels innermost)?"""
+    return x.dtype == torch.float32 and x.stride(1) == 1 and linked_extension() is not None
 
 
 def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
-    """Why conv_bn_act must copy this residual first, or None. oneDNN writes the result in
-    x's layout; through torch's ops a residual in another layout is converted once (compared
-    by layout, not with x's strides: the residual has the output's shape)."""
+    """Why the conv must copy this residual first, or None. oneDNN writes the result in x's
+    layout; a residual in another layout is converted once (compared by layout, not with x's
+    strides: the residual has the output's shape)."""
     cl = torch.channels_last
     if residual is None or not x.is_contiguous(memory_format=cl):
         return None
@@ -219,57 +118,151 @@ def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str 
     return "the residual is not channels_last like x: copied to channels_last first"
 
 
-def conv_bn_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride,
-    padding,
-    residual: torch.Tensor | None,
-    relu: bool,
-    in_place: bool = False,
-    groups: int = 1,
-    winograd: bool | None = None,
-) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias) + residual) as one oneDNN primitive; returns a new tensor
-    (channels_last for a channels_last x), or with in_place=True the residual itself, overwritten
-    with the result (as Inductor's CPU path does for ResNet's shortcut: no new allocation, whose
-    page faults cost as much as a small conv). Grouped (and depthwise) convolutions are oneDNN's
-    groups; dilation=1; a dtype `supports` accepts. winograd: whether the direct path runs it
-    as Winograd (None: where fastcnn.cpu.winograd chooses it; a caller that records the kernel
-    passes what it recorded)."""
-    if direct(x):
-        y = _conv_direct(x, weight, bias, stride, padding, residual, relu, in_place, groups,
-                         winograd)  # fmt: skip
-        if y is not None:
+class Packer:
+    """pack(weight, use_winograd) -> (packed bytes, layout id): the direct path's packed copy
+    of one conv's weight for (fp32, channels_last) inputs of one shape, made once per weight
+    version (fastcnn.common.weight_cache), transformed for Winograd when asked. `eligible`:
+    whether Winograd may take this conv (fastcnn.cpu.winograd.eligible; whether it does also
+    depends on the switch, winograd.enabled(), read once per call by the caller)."""
+
+    __slots__ = ("_make", "eligible", "groups", "padding", "shape", "stride")
+
+    def __init__(self, input_shape, weight_shape, stride, padding, groups: int = 1) -> None:
+        self.shape, self.stride, self.padding = tuple(input_shape), tuple(stride), tuple(padding)
+        self.groups = groups
+        self.eligible = winograd.eligible(self.shape, weight_shape, stride, padding, groups)
+        self._make = linked_extension().onednn_conv_pack
+
+    def __call__(self, weight: torch.Tensor, use_winograd: bool) -> tuple[torch.Tensor, int]:
+        return cached_pack(
+            weight,
+            _direct_pack_key(self.shape, use_winograd),
+            lambda: self._make(
+                weight, self.shape, self.stride, self.padding, self.groups, use_winograd
+            ),
+        )
+
+    def winograd_now(self) -> bool:
+        """Does a call now run this conv as Winograd (eligible, the switch on)?"""
+        return self.eligible and winograd.enabled()
+
+
+class ConvPlan:
+    """relu(conv2d(x, weight, bias) + residual) on the CPU for every call whose tensors have the
+    metadata of the ones it was made for: which path runs (the direct oneDNN call, Winograd
+    among it, or torch's mkldnn op), the output's shape and layout, whether the residual must
+    be copied first, all decided once here.
+
+    plan(x, weight, bias, residual, out=None, use_winograd=None) -> the result: a new tensor
+    (in out_format; None: channels_last from the direct path, what torch's op gives otherwise;
+    with recycle, the last call's output memory where nothing else holds it:
+    fastcnn.common.alloc.Recycled), or with out the residual itself, overwritten with the
+    result. use_winograd: what the caller recorded (None: the switch is read now). Attributes:
+    `copy`, why the residual is copied first (or None); `packer`, the direct path's (or None);
+    `kernel(use_winograd)`, "winograd" or "onednn", as fastcnn.trace records it.
+    """
+
+    __slots__ = (
+        "_args",
+        "_dense_bias",
+        "_format",
+        "_out",
+        "_recycled",
+        "_w_shape",
+        "copy",
+        "packer",
+    )
+
+    def __init__(self, x, weight, bias, stride, padding, groups, residual, relu,
+                 out_format=None, recycle=False) -> None:  # fmt: skip
+        stride, padding = tuple(stride), tuple(padding)
+        self.copy = residual_copy_reason(x, residual)
+        self._dense_bias = bias is not None and not bias.is_contiguous()
+        self._format = out_format
+        shape = tuple(output_shape(x.shape, weight.shape, stride, padding, (1, 1)))
+        self._out = (shape, strides_of(shape, out_format or torch.channels_last))
+        self._recycled = alloc.Recycled(*self._out) if recycle else None
+        self._w_shape, self._args = tuple(weight.shape), (stride, padding, groups, relu)
+        self.packer = Packer(x.shape, weight.shape, stride, padding, groups) if direct(x) else None
+
+    def kernel(self, use_winograd: bool) -> str:
+        return "winograd" if use_winograd else "onednn"
+
+    def winograd_now(self) -> bool:
+        return self.packer is not None and self.packer.winograd_now()
+
+    def __call__(self, x, weight, bias, residual, out=None, use_winograd=None) -> torch.Tensor:
+        if self.copy is not None:  # a new tensor already: the result is not written in place
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        if self._dense_bias:  # oneDNN reads the bias as a dense vector
+            bias = bias.contiguous()
+        target = out if self.copy is None else None
+        if self.packer is not None:
+            if use_winograd is None:
+                use_winograd = self.packer.winograd_now()
+            y = self._direct(x, weight, bias, residual, target, use_winograd)
+        else:
+            y = None
+        if y is None:
+            y = _torch_conv(x, weight, bias, residual, target is not None, *self._args)
+            if target is None and self._format is not None:
+                y = y.contiguous(memory_format=self._format)
+        if out is not None and y is not out:
+            return out.copy_(y)
+        return y
+
+    def _direct(self, x, weight, bias, residual, out, use_winograd):
+        """The direct call's result, or None where oneDNN has no optimized kernel for these
+        strides (noted once; torch's op runs it then). A Winograd conv always runs."""
+        packed, layout = self.packer(weight, use_winograd)
+        y = out
+        if y is None:
+            y = self._recycled.get(x) if self._recycled else alloc.empty_strided(*self._out, x)
+        conv = linked_extension().onednn_conv
+        if conv(x, packed, layout, self._w_shape, bias, residual, y, *self._args):
             return y
+        _backend.note_once(
+            ("conv_bn_act", f"onednn-strides-{x.stride()}-{y.stride()}"),
+            f"fastcnn: oneDNN has no optimized kernel for x strides {x.stride()} and output "
+            f"strides {y.stride()}: torch's mkldnn op runs this conv (a dense copy first)",
+        )
+        return None
+
+
+def plan(x, weight, bias, stride, padding, groups, residual, relu, out_format=None,
+         recycle=False) -> ConvPlan:  # fmt: skip
+    """The CPU conv's one entry point (the op, its plans and the Inception block take it): a
+    ConvPlan for calls whose tensors have these tensors' metadata; fp32 and the dtypes
+    `supports` accepts, dilation 1."""
+    return ConvPlan(x, weight, bias, stride, padding, groups, residual, relu, out_format, recycle)
+
+
+def conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place=False,
+                groups=1) -> torch.Tensor:  # fmt: skip
+    """One call through `plan`: a new tensor in x's memory format, or with in_place=True the
+    residual itself, overwritten with the result."""
+    conv = plan(x, weight, bias, stride, padding, groups, residual, relu)
+    return conv(x, weight, bias, residual, residual if in_place else None)
+
+
+def _torch_conv(x, weight, bias, residual, in_place, stride, padding, groups, relu):
+    """torch's mkldnn op (a primitive descriptor per call), the weight prepacked for x's
+    shape; with in_place, the residual overwritten with the result."""
     w = prepacked(weight, padding, stride, x.shape, groups)
     pad, st, dil = list(padding), list(stride), [1, 1]
     if residual is None:
         return _mkldnn._convolution_pointwise(
             x, w, bias, pad, st, dil, groups, "relu" if relu else "none", [], ""
         )
-    residual, in_place = _channels_last_residual(x, residual, in_place)
     if not in_place and residual.shape[2] * residual.shape[3] == 1:
         # torch 2.11's out-of-place binary op fails on a 1x1 output ("could not create a
         # memory"; 2.14's runs it), its in-place form runs it: into a copy of the residual
         residual, in_place = residual.clone(), True
     if in_place:  # the binary add's operand is also its destination: no new output tensor
         return _mkldnn._convolution_pointwise_.binary(
-            residual,
-            x,
-            w,
-            bias,
-            pad,
-            st,
-            dil,
-            groups,
-            "add",
-            None,
-            "relu" if relu else None,
-            [],
-            "",
-        )
+            residual, x, w, bias, pad, st, dil, groups, "add", None, "relu" if relu else None,
+            [], "",
+        )  # fmt: skip
     return _mkldnn._convolution_pointwise.binary(
         x, residual, w, bias, pad, st, dil, groups, "add", None, "relu" if relu else "none", [], ""
     )

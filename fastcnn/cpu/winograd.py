@@ -49,11 +49,20 @@ def tiles(input_shape) -> int:
     return n * -(-h // 4) * -(-w // 4)
 
 
-def chosen(input_shape, weight_shape, stride, padding, groups, dtype) -> bool:
-    """Does a conv of these shapes run as Winograd (with it enabled)?"""
-    if not enabled() or dtype != torch.float32 or groups != 1:
+def eligible(input_shape, weight_shape, stride, padding, groups) -> bool:
+    """May an fp32 conv of these shapes run as Winograd (whether it does: `chosen`)?"""
+    if groups != 1:
         return False
     k_out, c_in, kh, kw = weight_shape
     if (kh, kw) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
         return False
     return min(c_in, k_out) >= MIN_CHANNELS and tiles(input_shape) >= MIN_TILES
+
+
+def chosen(input_shape, weight_shape, stride, padding, groups, dtype) -> bool:
+    """Does a conv of these shapes and dtype run as Winograd now (eligible, the switch on)?"""
+    return (
+        enabled()
+        and dtype == torch.float32
+        and eligible(input_shape, weight_shape, stride, padding, groups)
+    )

@@ -36,7 +36,7 @@ def _eager(*args):
 
 
 _triton = triton_kernel("conv_bn_act", "conv_bn_act_out")
-_triton_bound = triton_kernel("conv_bn_act", "bound")  # the launcher of a plan
+_triton_plan = triton_kernel("conv_bn_act", "plan")
 _extension_cuda = extension_kernel("conv_bn_act_out")
 
 
@@ -72,13 +72,12 @@ def _cpu_impl(x, weight, bias, stride, padding, groups, dilation, residual, relu
         )
         _trace.record(_OP, "cpu", "reference", why)
         return _reference(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
-    copy = onednn.residual_copy_reason(x, residual)
-    # decided once: the kernel recorded is the one the direct path then runs (it always can)
-    winograd = onednn.direct(x) and onednn.uses_winograd(x.shape, weight, stride, padding, groups)
-    _trace.record(_OP, "cpu", "winograd" if winograd else "onednn", copy)
+    conv = onednn.plan(x, weight, bias, stride, padding, groups, residual, relu)
+    # read once: the kernel recorded is the one the direct path then runs (it always can)
+    use_winograd = conv.winograd_now()
+    _trace.record(_OP, "cpu", conv.kernel(use_winograd), conv.copy)
     in_place = out is not None and out is residual
-    y = onednn.conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place, groups,
-                           winograd)  # fmt: skip
+    y = conv(x, weight, bias, residual, residual if in_place else None, use_winograd)
     return y if y is out else as_result(x, y, out)
 
 
@@ -195,15 +194,13 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     strides = strides_of(shape, memory_format_of(x))
     if impl is _cpu_impl:
-        # fp32 through the extension's oneDNN calls: the pack lookup, the allocation, the call
         from fastcnn.cpu import onednn
 
-        if onednn.supports(x.dtype):
-            run = onednn.bound(x, weight, bias, stride, padding, residual, relu, shape, strides,
-                               groups)  # fmt: skip
-            if run is not None:
-                return run
-    if impl not in (_triton_impl, _cuda_impl):  # oneDNN and eager allocate their own output
+        if onednn.supports(x.dtype):  # oneDNN's path, decided once: per call the pack lookup,
+            # the output (the last one's memory where nothing holds it) and the call
+            return onednn.plan(x, weight, bias, stride, padding, groups, residual, relu,
+                               memory_format_of(x), recycle=True)  # fmt: skip
+    if impl not in (_triton_impl, _cuda_impl):  # the reference allocates its own output
 
         def run(x, weight, bias, residual, out):
             return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
@@ -223,7 +220,7 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
             op(x, weight, bias, sh, sw, ph, pw, residual, relu, out)
 
     else:
-        launch = _triton_bound.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
+        launch = _triton_plan.resolve()(x, weight, bias, residual, stride, padding, relu, groups)
     if launch is None:  # Triton with an NCHW x: the launcher converts it on every call
         full = _triton.resolve()
 

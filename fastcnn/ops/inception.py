@@ -182,7 +182,7 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool):
         return None
     shape = _out_shape(x, widths, w2, w3, w4)
     strides = strides_of(shape, memory_format_of(x))
-    return cpu_inception.bound(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), shape,
+    return cpu_inception.plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, int(pool), shape,
                                strides)  # fmt: skip
 
 

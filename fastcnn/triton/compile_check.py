@@ -74,15 +74,15 @@ def _compile(job: Job):
     out = torch.empty(n, split, ho, wo, dtype=dtype).contiguous(memory_format=cl)
     out2 = torch.empty(n, c_out - split, ho, wo, dtype=dtype).contiguous(memory_format=cl)
     residual = None if pool else torch.empty_like(out)
-    plan = k._Plan  # the launcher's own argument layout, so the test compiles what runs
     saved = k.interpreting, k._autotune_enabled
     k.interpreting, k._autotune_enabled = (lambda: False), (lambda: True)
     try:
-        p = k._plan(x, weight, bias, residual, out, (stride, stride), (pad, pad), True, pool,
-                    out2 if pool else None)  # fmt: skip
+        # the launcher's own argument layout, so the check compiles what runs
+        p = k._new_launch(x, weight, bias, residual, out, (stride, stride), (pad, pad), True,
+                          pool, out2 if pool else None)  # fmt: skip
     finally:
         k.interpreting, k._autotune_enabled = saved
-    assert isinstance(p, plan)
+    assert isinstance(p, k._Launch)
     if job.config == HEURISTIC:
         cfg = k.heuristic_config(
             p.ints[0], c_out, c_in, x.element_size(), job.capability,

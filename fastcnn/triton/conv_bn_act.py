@@ -361,7 +361,7 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-class _Plan:
+class _Launch:
     """Everything about a launch that depends only on (shapes, strides, dtype, device, flags,
     pointer alignment): the integer arguments, the constexprs, the grid and, after the first
     launch on a GPU, the compiled kernel, launched directly from then on (no autotuner lookup,
@@ -387,7 +387,7 @@ class _Plan:
         if self.config is None:  # autotuned: the tuner picks (once per key) and launches
             tuner = _gpu_kernel(in_place)
             # best_config belongs to the shared tuner: read it before another thread's call
-            # with another key sets it (a plan would pair this kernel with that grid)
+            # with another key sets it (a _Launch would pair this kernel with that grid)
             with _tune_lock:
                 compiled = tuner[self._grid_of](*pointers, *self.ints, **self.meta)
                 config = {**tuner.best_config.kwargs} if compiled is not None else None
@@ -410,7 +410,7 @@ class _Plan:
 
 direct_launches = [0]  # how many launches skipped the JIT (tests read it)
 _tune_lock = threading.Lock()
-_plans: dict[tuple, _Plan] = {}
+_launches: dict[tuple, _Launch] = {}
 
 
 def knobs_allow_direct_launch() -> bool:
@@ -453,8 +453,9 @@ def _current_stream(device: int | None):
     return triton.runtime.driver.active.get_current_stream(device)
 
 
-def _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups=1) -> _Plan:
-    """The launch plan of a call: integer arguments, constexprs, config (None: autotuned).
+def _new_launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2,
+                groups=1) -> _Launch:  # fmt: skip
+    """The launch of a call, resolved: integer arguments, constexprs, config (None: autotuned).
     With groups, C_IN and N_OUT are one group's channel counts."""
     n, _, h, w = x.shape
     c_out, c_in, kh, kw = weight.shape
@@ -483,10 +484,10 @@ def _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, gro
         config = heuristic_config(m, c_out, c_in, x.element_size(), capability, limit, pool, flat_k)
     else:
         config = None
-    plan = _Plan(ints, meta, None, config, groups)
+    launch = _Launch(ints, meta, None, config, groups)
     if config is not None:
-        plan.grid = plan._grid_of(config)
-    return plan
+        launch.grid = launch._grid_of(config)
+    return launch
 
 
 def conv_bn_act_out(
@@ -513,13 +514,13 @@ def conv_bn_act_out(
     out.shape[1]]); weight and bias then hold out's and out2's channels, concatenated.
 
     Planned once per (shapes, strides, dtype, device, flags, pointer alignment): later calls
-    with the same key only launch (see _Plan).
+    with the same key only launch (see _Launch).
     """
     _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups)
 
 
 def _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups):
-    """conv_bn_act_out's work; returns the launch plan it used (None: nothing to launch)."""
+    """conv_bn_act_out's work; returns the _Launch it used (None: nothing to launch)."""
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
     r = residual if residual is not None else out  # placeholder pointers when absent
@@ -537,25 +538,26 @@ def _launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2, g
         aligned or tuple(a % 16 == 0 for a in addresses),
         x.dtype == torch.float32 and _tf32_allowed(), _autotune_enabled(),
     )  # fmt: skip
-    plan = _plans.get(key)
-    if plan is None:
+    resolved = _launches.get(key)
+    if resolved is None:
         _, _, kh, kw = weight.shape
         if pool and (kh, kw, tuple(stride), tuple(padding)) != (1, 1, (1, 1), (0, 0)):
             raise ValueError("pool= fuses a max-pool into a 1x1, stride-1, unpadded conv only")
-        plan = _plan(x, weight, bias, residual, out, stride, padding, relu, pool, out2, groups)
-        if plan.ints[0] == 0 or plan.ints[1] == 0:  # no output pixel or channel: nothing to do
+        resolved = _new_launch(x, weight, bias, residual, out, stride, padding, relu, pool, out2,
+                               groups)  # fmt: skip
+        if resolved.ints[0] == 0 or resolved.ints[1] == 0:  # no output pixel or channel
             return None
-        _plans[key] = plan
-    plan.launch(pointers, in_place)
-    return plan
+        _launches[key] = resolved
+    resolved.launch(pointers, in_place)
+    return resolved
 
 
-def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
-    """A launcher run(x, weight, bias, residual, out) for later calls whose tensors have these
+def plan(x, weight, bias, residual, stride, padding, relu, groups=1):
+    """A plan(x, weight, bias, residual, out) -> out for later calls whose tensors have these
     tensors' metadata, and an out of the output's shape in x's memory format (what
     fastcnn.ops.conv_bn_act.plan guarantees): per call it looks only at what can still change,
     the pointers' 16-byte alignment, whether out is the residual, and the tf32 switch, and
-    keeps the launch plan of each combination (conv_bn_act_out builds a 22-field key per call
+    keeps the _Launch of each combination (conv_bn_act_out builds a 22-field key per call
     instead). FASTCNN_TRITON_AUTOTUNE is read when a combination is first seen: reading the
     environment costs a tenth of a planned call, and either setting gives the same result (a
     tuned or a heuristic config). None for an x that is not channels_last in memory (NCHW:
@@ -564,7 +566,7 @@ def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
         return None
     has_bias, has_residual = bias is not None, residual is not None
     fp32 = x.dtype == torch.float32
-    by_flags: dict[tuple, _Plan] = {}
+    by_flags: dict[tuple, _Launch] = {}
 
     def run(x, weight, bias, residual, out):
         b = bias if has_bias else out
@@ -573,14 +575,15 @@ def bound(x, weight, bias, residual, stride, padding, relu, groups=1):
                        | out.data_ptr()) & 15  # fmt: skip
         in_place = has_residual and r.data_ptr() == out.data_ptr()
         flags = (aligned, in_place, fp32 and _tf32_allowed())
-        plan = by_flags.get(flags) if aligned else None
-        if plan is None:  # the full path: once per combination (always when not all aligned:
-            # the kernel is specialized per pointer then)
-            plan = _launch(x, weight, bias, residual, out, stride, padding, relu, 0, None, groups)
-            if plan is not None and aligned:
-                by_flags[flags] = plan
+        resolved = by_flags.get(flags) if aligned else None
+        if resolved is None:  # the full path: once per combination (always when not all
+            # aligned: the kernel is specialized per pointer then)
+            resolved = _launch(x, weight, bias, residual, out, stride, padding, relu, 0, None,
+                               groups)  # fmt: skip
+            if resolved is not None and aligned:
+                by_flags[flags] = resolved
             return out
-        plan.launch((x, weight, b, r, out, out), in_place)
+        resolved.launch((x, weight, b, r, out, out), in_place)
         return out
 
     return run

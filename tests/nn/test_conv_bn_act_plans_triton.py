@@ -1,4 +1,4 @@
-"""ConvBNAct's plans on the triton backend (fastcnn.triton.conv_bn_act.bound): after the first
+"""ConvBNAct's plans on the triton backend (fastcnn.triton.conv_bn_act.plan): after the first
 call per (alignment, in place, tf32) combination, calls launch the kept launch plan
 without the launcher's full per-call key; unaligned pointers always take the full path. Run in
 Triton's interpreter on CPU tensors (skipped without it, as on a GPU machine)."""

@@ -1,5 +1,5 @@
 """FusedInception's per-signature plans on the cpu backend (fastcnn.ops.inception.plan ->
-fastcnn.cpu.inception.bound): later calls skip the op and run bound direct oneDNN convs, in
+fastcnn.cpu.inception.plan): later calls skip the op and run the planned direct oneDNN convs, in
 either structure, stay right when the weights change in place, and inputs the direct path does
 not take keep the op's own path."""
 
@@ -79,7 +79,7 @@ def test_a_planned_block_is_one_call_into_the_extension(variant, monkeypatch):
             calls.append(len(args[1]))  # the structure's conv count
             return real(*args)
 
-    monkeypatch.setattr(inception.onednn, "_direct_module", [_Counting()])
+    monkeypatch.setattr(inception.onednn, "_extension_module", [_Counting()])
     fused._plans._plans.clear()  # plan again, binding the counting extension
     with torch.no_grad():
         out = fused(x)
@@ -98,7 +98,7 @@ def test_a_block_the_extension_does_not_take_runs_conv_by_conv(monkeypatch):
         def onednn_inception(self, *args):
             return False
 
-    monkeypatch.setattr(inception.onednn, "_direct_module", [_Refusing()])
+    monkeypatch.setattr(inception.onednn, "_extension_module", [_Refusing()])
     fused, x, _ = _planned("separate", (2, 19, 5, 7), 7, monkeypatch)
     with torch.no_grad():
         out = fused(x)  # poisoned (NaN) before the refused call: all of it written after

@@ -87,7 +87,7 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchPath())  # a fallback fails the test
     monkeypatch.setitem(winograd._state, "enabled", winograd_on)
     kernels = {"cpu:winograd"} if winograd_on else ()
-    assert onednn.uses_winograd(x.shape, weight, (1, 1), (1, 1), 1) == winograd_on
+    assert onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, None, True).winograd_now() == winograd_on
     before = torch.get_num_threads()
     keys = []
     try:

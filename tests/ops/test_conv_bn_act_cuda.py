@@ -181,7 +181,7 @@ def test_in_place_over_the_residual_with_autotuning(backend, monkeypatch):
 @pytest.mark.parametrize("autotune", ["0", "1"])
 def test_planned_module_calls_launch_directly_and_match(monkeypatch, autotune):
     """A module's second call with the same layout skips checks, the autotuner and the JIT
-    binder (fastcnn.triton.conv_bn_act._Plan): it must compute the same result."""
+    binder (fastcnn.triton.conv_bn_act._Launch): it must compute the same result."""
     from fastcnn.triton import conv_bn_act as kernels
 
     monkeypatch.setenv("FASTCNN_TRITON_AUTOTUNE", autotune)

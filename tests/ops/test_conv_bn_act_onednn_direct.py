@@ -11,7 +11,6 @@ import torch
 from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs, random_tensor
 
 from fastcnn import _backend, _extension
-from fastcnn.common.shapes import strides_of
 from fastcnn.cpu import onednn
 
 _ext = _extension.load()
@@ -71,18 +70,16 @@ def test_a_layout_without_an_optimized_kernel_falls_back_with_a_note(monkeypatch
 
 @needs_direct
 @pytest.mark.parametrize("residual", [False, True])
-def test_a_bound_conv_without_an_optimized_kernel_takes_the_op_path(residual):
-    """A planned (bound) conv whose input is a channel slice: the direct call writes nothing,
-    the op path computes it (into a new tensor: the plan's output was never handed out)."""
+def test_a_planned_conv_without_an_optimized_kernel_takes_torchs_op(residual):
+    """A planned conv whose input is a channel slice: the direct call writes nothing, torch's
+    op computes it (into a new tensor: the plan's output was never handed out)."""
     big = random_tensor((2, 40, 9, 7), torch.float32, "cpu", channels_last=True, seed=9)
     x = big[:, 8:20]
     _, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     r = random_tensor((2, 20, 9, 7), torch.float32, "cpu", channels_last=True, seed=10)
     r = r if residual else None
-    out_shape = (2, 20, 9, 7)
-    out_strides = strides_of(out_shape, torch.channels_last)
-    run = onednn.bound(x, weight, bias, (1, 1), (1, 1), r, True, out_shape, out_strides)
-    assert run is not None
+    run = onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, r, True, torch.channels_last,
+                      recycle=True)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the no-kernel note: the test above checks it
         y = run(x, weight, bias, r, None)
@@ -119,7 +116,7 @@ def test_without_the_library_torch_ops_run_and_it_is_noted(monkeypatch):
         pass
 
     monkeypatch.setattr(_extension, "load", lambda: _NoOneDNN())
-    monkeypatch.setattr(onednn, "_direct_module", [])
+    monkeypatch.setattr(onednn, "_extension_module", [])
     monkeypatch.setattr(_backend, "_warned", set())
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match="built without the oneDNN library"):

@@ -143,7 +143,7 @@ def test_switched_off_the_same_weight_runs_direct_and_back(enabled):
 
 @needs_direct
 def test_planned_calls_take_it(enabled):
-    """ConvBNAct's planned path (fastcnn.cpu.onednn.bound) packs for Winograd as well."""
+    """ConvBNAct's planned path (fastcnn.cpu.onednn.plan) packs for Winograd as well."""
     conv = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
                                torch.nn.ReLU()).eval()  # fmt: skip
     fused = fastcnn.optimize(conv)
