@@ -1,6 +1,6 @@
 """fastcnn: fused inference kernels for GoogLeNet- and ResNet-style CNNs.
 
-See README.md for the API in brief and the layering.
+See README.md for the API in brief and its Structure section for the layers.
 """
 
 from fastcnn import models, nn, ops, reference
@@ -15,7 +15,7 @@ from fastcnn._trace import KernelEvent, KernelKey, Trace, trace
 from fastcnn.cuda_graphs import CUDAGraphed, cuda_graphs
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.optimize import optimize
-from fastcnn.quantize import quantize
+from fastcnn.quantize import QuantConfig, quantize
 from fastcnn.report import Report, report
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "CUDAGraphed",
     "KernelEvent",
     "KernelKey",
+    "QuantConfig",
     "Report",
     "Trace",
     "__version__",

@@ -21,7 +21,7 @@ list see nothing of them (trace the model itself).
 
 A graph replays the weights it read at capture, by address. Before each replay the wrapper
 compares the address and version counter of every parameter and buffer the model had at capture
-(~0.4 us each, hidden behind the previous replay's GPU work), so a weight changed in place
+(cheap, and hidden behind the previous replay's GPU work), so a weight changed in place
 (load_state_dict on the inner model, `.data =`, an optimizer step) means a new capture: derived
 tensors such as a merged Inception weight are computed in Python, at capture only.
 load_state_dict and .to() on the wrapper drop every graph. Not seen (call reset() after one): a

@@ -36,10 +36,9 @@ RESULT_MARK = "fastcnn-bench-worker-rows: "
 # Each runtime runs as its documentation sets it up: ONNX Runtime with allow_spinning=0, and
 # OpenMP (torch's eager, Inductor and fastcnn's oneDNN convs) with whatever the caller's
 # environment says (unset: GNU OpenMP's default, spin a while, then sleep). On a quiet machine
-# that default is the fast one (measured here, 2 threads, batch 1: GoogLeNet 20 ms default,
-# 33 ms with OMP_WAIT_POLICY=PASSIVE; ResNet-50 41 vs 64 ms); on a machine loaded by other
-# processes, spinning threads wait for preempted peers at every barrier (GoogLeNet 190-320 ms
-# against 44-62 ms passive), so run there with OMP_WAIT_POLICY=PASSIVE, and trust neither.
+# that default is the fast one; on a machine loaded by other processes, spinning threads wait
+# for preempted peers at every barrier, several times slower than sleeping ones, so run there
+# with OMP_WAIT_POLICY=PASSIVE, and trust neither. The result file records the policy.
 def omp_wait_policy() -> str:
     """What the workers' OpenMP threads do between parallel regions, for the result file."""
     return os.environ.get("OMP_WAIT_POLICY") or "unset (GNU OpenMP default: spin, then sleep)"

@@ -41,9 +41,8 @@ def time_samples(fns: dict, iters: int, warmup: int = 3) -> dict[str, list[float
     """Milliseconds of each of `iters` calls of each fn, sampled round-robin (one call of each,
     then the next round), so that a machine whose speed drifts during the run (a shared CPU, GPU
     clocks) weighs on every provider alike instead of on whichever ran in the slow minute. Each
-    round starts one provider further on: the place in a round matters too (measured on the
-    CPU: a 25 MB output was 50% slower to produce first in a round than after another
-    provider's)."""
+    round starts one provider further on: the place in a round matters too (on a CPU, a large
+    output is slower to produce first in a round than after another provider's)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

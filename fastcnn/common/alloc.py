@@ -41,9 +41,8 @@ class Recycled:
     memory: a new [shape] tensor with these strides otherwise.
 
     Writing into memory that was just written and freed keeps it in cache; a fresh allocation of
-    a large output is cold (recycled_outputs.json, what benchmarks/cpu_ab.py --switch recycled
-    measures, on a 2-core AMD EPYC VM: ResNet-50 1.02x at batch 1 and 1.06x at batch 8,
-    GoogLeNet 1.01x). Safe by construction: the buffer is reused only when its storage has no
+    a large output is cold (benchmarks/cpu_ab.py --switch recycled measures the difference:
+    cpu_ab_recycled.json). Safe by construction: the buffer is reused only when its storage has no
     other holder at all (the tensor handed out, any view of it, a storage object, a C++
     reference: each holds the storage), is the memory we allocated and not shared with another
     process, checked and claimed under a lock, so two threads never get one buffer. The plan

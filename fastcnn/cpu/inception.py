@@ -1,16 +1,18 @@
-"""The Inception block on the cpu backend (oneDNN through torch's mkldnn ops), in the structure
-that is faster on this machine for this input shape, chosen by timing both on the first call:
+"""The Inception block on the cpu backend, its convs through fastcnn.cpu.onednn, in the
+structure that is faster on this machine for this input shape, chosen by timing both on the
+first call at a shape:
 
   merged:   branch 1's 1x1 and the two reduce 1x1s as ONE conv over their concatenated weights
-            (one pass over x, a wider GEMM), the kxk convs reading channel slices of its output,
-            copied dense first (oneDNN reads no channel slice in place): two copies a block.
-  separate: the three 1x1 convs on x apart (three passes over x), every output dense: no copies.
+            (one pass over x, a wider GEMM), the kxk convs reading channel slices of its output
+            (in place where they run as Winograd, else from dense copies).
+  separate: the three 1x1 convs on x apart (three passes over x), every output dense.
 
-Which wins depends on the CPU, the batch and the block (measured on one Xeon: merged at batch 1,
-where the wider GEMM keeps both cores busy and the copies are small; separate at batch 8). Both
-end with the pool branch and one concat into the output (torch's oneDNN ops cannot write into
-a channel slice without reading it back). The choice is kept per block and input shape, at
-most weight_cache.KEYS_PER_WEIGHT shapes per block, and dies with the block's weights.
+Which wins depends on the CPU, the batch and the block (the wider GEMM keeps more cores busy at
+a small batch; the copies cost more at a large one). Planned calls (`plan`) run the whole block
+as one C++ call (csrc/cpu/onednn_inception.cpp: the direct oneDNN convs, the pool and the
+concat into the output); the per-conv path (`branches`) ends with torch's concat. The choice is
+kept per block and input shape, at most weight_cache.KEYS_PER_WEIGHT shapes per block, and dies
+with the block's weights.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """A fully connected layer on the CPU through oneDNN's inner product with a prepacked weight
 (torch's mkldnn op, what Inductor's CPU freezing path runs): the weight is reordered once per
-batch size into the blocked layout oneDNN picks for it and kept (fastcnn.cpu.onednn's pack
-cache: repacked when the weight changes), where aten's addmm reads the plain weight on every
-call. ResNet-50's classifier (2048 -> 1000) alone, hot in cache, on the project's AMD EPYC VM:
-0.58 -> 0.17 ms at batch 8 (a one-off timing); in the whole model, where its weight comes from
-memory, the difference is below the machine's noise (benchmarks/cpu_ab.py --switch linear:
-0.99-1.02x, cpu_ab_linear.json)."""
+batch size into the blocked layout oneDNN picks for it and kept (the weight cache: repacked
+when the weight changes), where aten's addmm reads the plain weight on every call. What it
+gains in a whole model: benchmarks/cpu_ab.py --switch linear (cpu_ab_linear.json)."""
 
 from __future__ import annotations
 

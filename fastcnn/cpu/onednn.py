@@ -7,7 +7,7 @@ still in registers/cache, instead of eager's separate passes. Two ways to reach 
           wheel's library), fp32 with channels innermost: primitives made once per shape and
           layout and kept, input, output and residual read and written through their strides.
   torch:  torch.ops.mkldnn._convolution_pointwise, what Inductor's CPU freezing path runs; it
-          creates its primitive descriptor on every call (20-45 µs a conv). Every other case,
+          creates its primitive descriptor on every call. Every other case,
           and all of them where the extension was built without the library (noted once).
 
 Weights are prepacked once per input shape into oneDNN's blocked layout and repacked only when
@@ -77,7 +77,7 @@ def linked_extension():
                 ("conv_bn_act", "onednn-direct"),
                 "fastcnn: the extension was built without the oneDNN library (the "
                 "onednn-cpu-gomp and onednn-devel-cpu-gomp wheels): CPU convolutions go "
-                "through torch's mkldnn ops, 20-45 µs slower a call",
+                "through torch's mkldnn ops, which make a primitive descriptor per call",
             )
             ext = None
         _extension_module.append(ext)

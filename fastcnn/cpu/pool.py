@@ -1,6 +1,6 @@
 """Max-pooling on the CPU without indices: the extension's channels_last kernel
-(csrc/cpu/max_pool.cpp), 1.1-2.5x aten's max_pool2d on GoogLeNet's pools on this project's CPU
-machine, which also computes and writes int64 indices that inference never reads."""
+(csrc/cpu/max_pool.cpp), where aten's max_pool2d also computes and writes int64 indices that
+inference never reads."""
 
 from __future__ import annotations
 

@@ -2,20 +2,20 @@
 
 fp32 3x3 convs of stride 1 and padding 1 (ResNet's and GoogLeNet's 3x3 layers) take 4x fewer
 multiplies this way, and oneDNN's direct kernels already run near the FMA peak, so this is where
-fastcnn's CPU path gains on runtimes that run them directly (OpenVINO, ONNX Runtime). On a
-2-core AMD EPYC (AVX-512), each 3x3 conv shape of ResNet-50 and GoogLeNet, alone, ran 1.7-3.0x
-faster than oneDNN's brgconv at batch 1 and 8 (benchmarks/cpu_winograd_convs.py; whole models:
-1.1-1.3x).
+fastcnn's CPU path gains on runtimes that run them directly (OpenVINO, ONNX Runtime): each conv
+alone in benchmarks/cpu_winograd_convs.py (winograd_convs.json), whole models in
+benchmarks/cpu_ab.py --switch winograd (cpu_ab_winograd.json).
 
-Precision: the transforms multiply by up to 5 (input) and 8 (output) before the products are summed,
-so rounding errors grow: about 5-10x direct's, 7e-6 to 1.6e-5 of the outputs' scale at 64-512 input
-channels (direct: 1-3e-6). `set_enabled(False)` or FASTCNN_WINOGRAD=0 in the environment turns it
+Precision: the transforms multiply by up to 5 (input) and 8 (output) before the products are
+summed, so rounding errors grow with the channel count and exceed direct's (winograd_convs.json
+has both against float64; tests hold them to fastcnn_testing's Winograd tolerance).
+`set_enabled(False)` or FASTCNN_WINOGRAD=0 in the environment turns it
 off (every conv then runs oneDNN's direct kernels). A conv taking it records "cpu:winograd" in
-fastcnn.trace. Non-finite inputs: its ReLU propagates NaN (oneDNN's post-op ReLU maps it to 0), and
-a NaN or Inf input pixel makes NaN of the whole 4x4 output tiles whose 6x6 windows hold it (Inf -
-Inf in the transforms), where a direct conv gives NaN or +-Inf in its 3x3 neighbourhood. So whether
-a conv of the cpu backend maps NaN to 0 depends on which kernel its shape takes (ResNet-50's 7x7
-layers stay direct at batch 1): the trace says which.
+fastcnn.trace. Non-finite inputs: its ReLU propagates NaN (oneDNN's post-op ReLU maps it to 0),
+and a NaN or Inf input pixel makes NaN of the whole 4x4 output tiles whose 6x6 windows hold it
+(Inf - Inf in the transforms), where a direct conv gives NaN or +-Inf in its 3x3 neighbourhood.
+So whether a conv of the cpu backend maps NaN to 0 depends on which kernel its shape takes: the
+trace says which.
 """
 
 from __future__ import annotations

@@ -85,11 +85,17 @@ def add_relu(
 ) -> torch.Tensor:
     """relu(x + residual) in one read of each input and one write.
 
-    Equals ``torch.relu(x + residual)`` (fastcnn.reference.add_relu), computed in fp32 and rounded
-    once to the inputs' dtype. x and residual must have the same shape, dtype (float32, float16 or
-    bfloat16) and device, and at most 4 dimensions; any memory formats (they may differ). The
-    result takes x's memory format. ``out`` may be any view of the right shape, dtype and device,
-    e.g. a channel slice of a larger tensor, or x itself (in place); it is returned.
+    Equals ``torch.relu(x + residual)`` (fastcnn.reference.add_relu), computed in fp32 and
+    rounded once to the inputs' dtype.
+
+    Args:
+        x (Tensor): float32, float16 or bfloat16, at most 4 dimensions, any memory format.
+        residual (Tensor): x's shape, dtype and device, any memory format.
+        out (Tensor, optional): written instead of a new tensor: any view of x's shape, dtype
+            and device, e.g. a channel slice of a larger tensor, or x itself (in place).
+
+    Returns:
+        Tensor: out, or a new tensor in x's memory format.
     """
     # Type checks before the dispatcher, whose own schema error would be a RuntimeError.
     _checks.check_tensor(_OP, "x", x)

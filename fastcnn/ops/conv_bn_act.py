@@ -2,9 +2,10 @@
 
 With BatchNorm folded into weight and bias (fastcnn.fold_bn) this is eval-mode
 Conv2d -> BatchNorm2d (-> + residual) (-> ReLU), which eager PyTorch runs as three to five passes
-over the activation. Layers: validation here; the Triton kernel in fastcnn/triton/conv_bn_act.py;
-the reference in fastcnn/reference.py. Registered as fastcnn::conv_bn_act and
-fastcnn::conv_bn_act_out (see fastcnn/ops/_registry.py).
+over the activation. Validation and backend choice here; the kernels: fastcnn/triton/
+conv_bn_act.py ("triton"), the extension's csrc/cuda ("cuda"), fastcnn/cpu/onednn.py ("cpu"),
+fastcnn/reference.py ("eager"). Registered as fastcnn::conv_bn_act and fastcnn::conv_bn_act_out
+(fastcnn/ops/_registry.py); `plan` makes a module's per-signature plans.
 """
 
 from __future__ import annotations
@@ -251,34 +252,28 @@ def conv_bn_act(
 ) -> torch.Tensor:
     """relu(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual), one kernel.
 
-    Equals fastcnn.reference.conv_bn_act: with weight and bias from fastcnn.fold_bn, an eval-mode
-    Conv2d -> BatchNorm2d (-> + residual) (-> ReLU when relu=True). Accumulates in fp32; the bias,
-    residual and ReLU are applied in fp32 registers before the single store. fp32 uses TF32 when
-    torch.backends.cudnn.allow_tf32 is set, as torch's own conv2d does.
+    Equals ``torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) +
+    residual)`` (fastcnn.reference.conv_bn_act); with weight and bias from fastcnn.fold_bn, an
+    eval-mode Conv2d -> BatchNorm2d (-> + residual) (-> ReLU). Accumulates in fp32 and rounds
+    once; fp32 uses TF32 where torch.backends.cudnn.allow_tf32 is set, as torch's conv2d does.
 
-    x: [N, Cin, H, W], float32/float16/bfloat16; channels_last is the fast layout, an NCHW x is
-    converted to channels_last once inside the op. The result takes x's memory format.
-    weight: [Cout, Cin / groups, KH, KW] (any layout; fastcnn.nn.ConvBNAct keeps it
-    channels_last). bias: [Cout] or None. residual: the output's shape, any layout, or None.
-    out: a [N, Cout, Ho, Wo] view to write into instead of allocating, e.g. ``big[:, c0:c0+Cout]``
-    of a larger channels_last tensor (only those channels are written); it must not overlap x,
-    weight or bias. It may be the residual itself (in place: ResNet's shortcut dies at the add,
-    so its buffer can take the result; fastcnn.optimize does this where the graph shows it
-    safe). groups > 1 (grouped and depthwise convolutions) runs one GEMM per group on the
-    "triton" backend and oneDNN's groups on "cpu"; dilation != 1, and groups > 1 on "cuda", run
-    the eager reference (with a one-time note).
+    Args:
+        x (Tensor[N, Cin, H, W]): float32, float16 or bfloat16; channels_last is the fast
+            layout (an NCHW x is converted inside the op).
+        weight (Tensor[Cout, Cin / groups, KH, KW]): any layout.
+        bias (Tensor[Cout], optional).
+        stride, padding, dilation (int or (int, int)); groups (int): as torch's conv2d.
+        residual (Tensor[N, Cout, Ho, Wo], optional): added before the ReLU; any layout.
+        relu (bool): apply the ReLU.
+        out (Tensor[N, Cout, Ho, Wo], optional): written instead of a new tensor, e.g. a
+            channel slice ``big[:, c0:c0 + Cout]`` of a larger tensor; it must not overlap x,
+            weight or bias, but may be the residual itself (in place).
 
-    Backends: "triton" (CUDA; CPU under TRITON_INTERPRET=1), "cuda" (the extension: 1x1
-    stride-1 convs as one cuBLASLt GEMM with bias/residual/ReLU in its epilogue, other convs
-    through cuDNN plus one epilogue pass), "cpu" (one oneDNN primitive with
-    bias/residual/ReLU post-ops and prepacked weights; fp32, and bf16/fp16 where the CPU has
-    them, else the reference), "eager".
+    Returns:
+        Tensor[N, Cout, Ho, Wo]: out, or a new tensor in x's memory format.
 
-    NaN: with relu=False a NaN reaches the output on every path. Through the fused ReLU it
-    depends on the kernel (NAN_TO_ZERO_KERNELS; fastcnn.trace() says which ran): Triton's
-    implicit GEMM, the extension's cuDNN + epilogue pass and the eager reference propagate NaN,
-    as torch.relu does; cuBLASLt's ReLU epilogue (the "cuda" backend's 1x1 stride-1 convs) and
-    oneDNN's ReLU post-op (the "cpu" backend, as in Inductor's CPU path) map NaN to 0.
+    Which kernel runs (and what maps NaN to 0 through the ReLU: NAN_TO_ZERO_KERNELS):
+    docs/backends.md; fastcnn.trace() records it for every call.
     """
     for name, t in (("x", x), ("weight", weight)):
         _checks.check_tensor(_OP, name, t)

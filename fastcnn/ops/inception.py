@@ -200,14 +200,25 @@ def inception(
     pool: int = 3,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """An eval-mode Inception block in four kernels, equal to fastcnn.reference.inception.
+    """An eval-mode Inception block (BN folded, every conv followed by ReLU) in four kernels.
 
-    reduce_weight [c1 + c2red + c3red, Cin, 1, 1] and reduce_bias: branch 1's conv and the two
-    reduce convs, concatenated (widths = [c1, c2red, c3red]); w2/b2 and w3/b3: the kxk convs of
-    branches 2 and 3 (odd square kernels, "same" padding); w4/b4: branch 4's 1x1 conv after a
-    pool x pool max-pool (stride 1, padding pool // 2). All with BN folded (fastcnn.fold_bn),
-    all followed by ReLU. The result [N, c1 + c2 + c3 + c4, H, W] follows x's memory format;
-    out= may be a channel slice of a larger tensor.
+    Equals fastcnn.reference.inception: ``torch.cat([b1, b2, b3, b4], 1)`` of branch 1's 1x1
+    conv, the 1x1 reduce then kxk conv of branches 2 and 3, and branch 4's max-pool then 1x1.
+
+    Args:
+        x (Tensor[N, Cin, H, W]): float32, float16 or bfloat16.
+        reduce_weight (Tensor[c1 + c2red + c3red, Cin, 1, 1]), reduce_bias: branch 1's conv and
+            the two reduce convs, concatenated.
+        widths ([c1, c2red, c3red]): how reduce_weight splits.
+        w2, b2 / w3, b3 (Tensor[c2, c2red, k, k] / Tensor[c3, c3red, k, k], and [c]): the kxk
+            convs of branches 2 and 3 (odd square kernels, "same" padding).
+        w4, b4 (Tensor[c4, Cin, 1, 1], [c4]): branch 4's conv.
+        pool (int): branch 4's max-pool window (stride 1, padding pool // 2).
+        out (Tensor[N, c1 + c2 + c3 + c4, H, W], optional): written instead of a new tensor,
+            e.g. a channel slice of a larger tensor.
+
+    Returns:
+        Tensor[N, c1 + c2 + c3 + c4, H, W]: out, or a new tensor in x's memory format.
     """
     tensors = {
         "x": x,

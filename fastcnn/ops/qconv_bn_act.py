@@ -186,22 +186,27 @@ def qconv_bn_act(
     *,
     weight_max: int = 127,
 ) -> torch.Tensor:
-    """uint8 relu(conv2d(x, weight) * scales + bias + residual), requantized: exactly
-    fastcnn.reference.qconv_bn_act (see there for the arithmetic, step by step).
+    """uint8 relu(conv2d(x, weight) * scales + bias + residual), requantized.
 
-    x: uint8 [N, Cin, H, W] holding x_scale * (x - x_zero_point) (channels_last is the fast
-    layout; the result takes x's memory format). weight: int8 [Cout, Cin, KH, KW], real value
-    weight_scale[c] * weight (float32 [Cout]); weight_max: the largest |weight| (127, or 63 for
-    weights quantized for CPUs without VNNI). bias: float32 [Cout] or None. residual: uint8 of
-    the output's shape with its own scale and zero point, or None. out: a uint8 view to write
-    into (e.g. a channel slice of a concat), or the residual itself (in place).
+    Equals fastcnn.reference.qconv_bn_act (the arithmetic step by step is there): int32 sums
+    (exact on every backend), then fp32 scales, bias, residual and ReLU, rounded once to uint8.
 
-    Backends: "cpu" (oneDNN's int8 convolution with the requantize, sum and ReLU post-ops: AMX
-    or VNNI where the CPU has them; on a CPU without VNNI only weights within +-63 run there,
-    others run the reference), "triton" (CUDA, or CPU tensors under TRITON_INTERPRET=1),
-    "eager" (the reference). Results: the Triton kernel equals the reference exactly in the
-    interpreter and within one quantization step on a GPU (FMA contraction); oneDNN within one
-    step (it orders the fp32 scale multiplications its own way). Integer sums are exact in all.
+    Args:
+        x (uint8 Tensor[N, Cin, H, W]): holds x_scale * (x - x_zero_point); channels_last is
+            the fast layout.
+        weight (int8 Tensor[Cout, Cin, KH, KW]): real value weight_scale[c] * weight.
+        weight_scale (float32 Tensor[Cout]).
+        bias (float32 Tensor[Cout], optional).
+        stride, padding (int or (int, int)).
+        residual (uint8 Tensor[N, Cout, Ho, Wo], optional): with its own scale and zero point.
+        relu (bool); out_scale, out_zero_point: the result's quantization.
+        out (uint8 Tensor[N, Cout, Ho, Wo], optional): written instead of a new tensor (e.g. a
+            channel slice of a concat), or the residual itself (in place).
+        weight_max (int): the largest |weight|: 127, or 63 for weights quantized for CPUs
+            without VNNI (only those run oneDNN there; docs/int8.md).
+
+    Returns:
+        uint8 Tensor[N, Cout, Ho, Wo]: out, or a new tensor in x's memory format.
     """
     for name, t in (("x", x), ("weight", weight), ("weight_scale", weight_scale)):
         _checks.check_tensor(_OP, name, t)

@@ -24,15 +24,16 @@ import warnings
 import torch
 from torch import fx, nn
 
-from fastcnn import _backend
+from fastcnn.common.arguments import check_backend, check_model, verify_tolerance
 from fastcnn.cuda_graphs import MAX_GRAPHS, CUDAGraphed
 from fastcnn.optimize import chains, drop_ins, in_place, inception, leftovers
 from fastcnn.optimize._graph import traced
 from fastcnn.optimize.module_level import module_level_optimize
-from fastcnn.optimize.verify import VERIFY_TOLERANCE, Verifier, random_example
+from fastcnn.optimize.verify import FUSED_LAYER_TOLERANCE, Verifier, random_example
 from fastcnn.report import Report
 
-__all__ = ["VERIFY_TOLERANCE", "optimize"]
+__all__ = ["FUSED_LAYER_TOLERANCE", "optimize"]
+_CALLER = "fastcnn.optimize"
 
 
 def _fx_optimize(
@@ -106,8 +107,7 @@ def optimize(
     cuda_graphs=True (a model on a CUDA device) returns the result wrapped in
     fastcnn.cuda_graphs: each input signature's forward is captured once and replayed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fastcnn.optimize expects an nn.Module, got {type(model).__name__}")
+    check_model(_CALLER, model)
     if isinstance(model, CUDAGraphed):  # optimize the model inside, then replay that
         inner = optimize(model.model, backend, inplace, verify, example_input)
         return _replayed(inner, model.max_graphs)
@@ -119,15 +119,9 @@ def optimize(
                 f"tensors on {sorted(devices) or 'no device (no parameters or buffers)'}"
             )
         return _replayed(optimize(model, backend, inplace, verify, example_input))
-    if backend is not None:
-        with _backend.use_backend(backend):  # refuses unknown or unavailable backends
-            pass
-    if isinstance(verify, bool) or verify is None:
-        verify = bool(verify)
-    elif not isinstance(verify, float) or verify <= 0:
-        raise ValueError(
-            f"fastcnn.optimize: verify must be a bool or a positive float, got {verify!r}"
-        )
+    check_backend(_CALLER, backend)
+    # a float, or the per-dtype table, read once the example's dtype is known
+    tolerances = verify_tolerance(_CALLER, verify, FUSED_LAYER_TOLERANCE)
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     report = Report(method="torch.fx", backend=backend or "in force when run (default auto)")
@@ -139,7 +133,7 @@ def optimize(
         work._fastcnn_report = report
         return work
     example = None
-    if verify:
+    if tolerances is not None:
         example = example_input if example_input is not None else random_example(work)
         if example is None:
             report.notes.append("verify: NOT verified: no Conv2d to size a random input from")
@@ -147,7 +141,7 @@ def optimize(
         gm = traced(work)
     except Exception as exc:  # FX cannot trace data-dependent control flow and the like
         report.method = f"module-level (torch.fx could not trace: {type(exc).__name__}: {exc})"
-        check = _verifier(work, example, verify, report, example_input is None)
+        check = _verifier(work, example, tolerances, report, example_input is None)
         result = module_level_optimize(work, report, backend, check)
         result._fastcnn_report = report
         return result
@@ -158,19 +152,20 @@ def optimize(
             "dropped",
             "the eval-mode forward never calls it (e.g. an auxiliary head)",
         )
-    check = _verifier(gm, example, verify, report, example_input is None)
+    check = _verifier(gm, example, tolerances, report, example_input is None)
     result = _fx_optimize(work, gm, report, backend, check)
     result._fastcnn_report = report
     return result
 
 
-def _verifier(model: nn.Module, example, verify, report: Report, made_up: bool) -> Verifier | None:
+def _verifier(model: nn.Module, example, tolerances, report: Report,
+              made_up: bool) -> Verifier | None:  # fmt: skip
     """The verifier for verify=True, or None (with the reason in the report and a warning when
     verification was asked for and cannot happen)."""
     if example is None:
         return None
     why = None
-    tolerance = verify if isinstance(verify, float) else VERIFY_TOLERANCE.get(example.dtype)
+    tolerance = tolerances if isinstance(tolerances, float) else tolerances.get(example.dtype)
     if tolerance is None:
         why = f"no tolerance for {example.dtype}"
     else:

@@ -1,12 +1,12 @@
 """verify=True: the original model's values on one example input, and the checks against them.
 
 Each fused layer is compared with the layers it replaces on the values they saw in the original
-model (per-layer tolerance VERIFY_TOLERANCE); then the whole rewritten model is compared with the
-original, which catches what no single layer shows (an in-place write that a later read still
-needed, a wrong rewiring). The end-to-end bound is the per-layer tolerance or four times the
-original model's own rounding error against a float64 copy of it, whichever is larger: a model
-that amplifies rounding (deep, random weights) gets the room its own arithmetic needs, and a real
-mistake (errors of order one) never fits in it.
+model (per-layer tolerance FUSED_LAYER_TOLERANCE); then the whole rewritten model is compared
+with the original, which catches what no single layer shows (an in-place write that a later read
+still needed, a wrong rewiring). The end-to-end bound is the per-layer tolerance or four times
+the original model's own rounding error against a float64 copy of it, whichever is larger: a
+model that amplifies rounding (deep, random weights) gets the room its own arithmetic needs, and
+a real mistake (errors of order one) never fits in it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fastcnn.report import Report
 # Relative error (to the output's scale) above which verify=True reverts a fused layer: a few
 # hundred times the dtype's unit roundoff (fp32 6e-8, fp16 4.9e-4, bf16 3.9e-3), since a layer's
 # error grows with its reduction length and is measured against the output's largest element.
-VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+FUSED_LAYER_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # The end-to-end bound: this many times the original model's own error against float64.
 NOISE_FACTOR = 4.0
 

@@ -2,11 +2,12 @@
 
 One job per file: observers.py (ranges -> qparams), calibrate.py (observing the fp32 graph),
 graph.py (which tensors are uint8 and the rewritten graph), verify.py (per-layer errors),
-api.py (the pipeline behind fastcnn.quantize).
+config.py (QuantConfig, its options), api.py (the pipeline behind fastcnn.quantize).
 """
 
 from fastcnn.quantize.api import quantize
+from fastcnn.quantize.config import QuantConfig
 from fastcnn.quantize.observers import OBSERVERS
-from fastcnn.quantize.verify import VERIFY_TOLERANCE, sqnr_db
+from fastcnn.quantize.verify import INT8_LAYER_TOLERANCE, sqnr_db
 
-__all__ = ["OBSERVERS", "VERIFY_TOLERANCE", "quantize", "sqnr_db"]
+__all__ = ["INT8_LAYER_TOLERANCE", "OBSERVERS", "QuantConfig", "quantize", "sqnr_db"]

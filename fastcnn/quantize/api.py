@@ -8,20 +8,23 @@ import dataclasses
 import torch
 from torch import fx, nn
 
-from fastcnn import _backend
+from fastcnn.common.arguments import check_backend, check_model, verify_tolerance
 from fastcnn.cpu import int8 as cpu_int8
 from fastcnn.nn.conv_bn_act import ConvBNAct
 from fastcnn.nn.quantized import QConvBNAct
 from fastcnn.optimize import optimize
 from fastcnn.quantize import graph as qgraph
 from fastcnn.quantize.calibrate import calibrate
+from fastcnn.quantize.config import FIELDS, QuantConfig
 from fastcnn.quantize.observers import OBSERVERS
-from fastcnn.quantize.verify import VERIFY_TOLERANCE, layer_errors, sqnr_db
+from fastcnn.quantize.verify import INT8_LAYER_TOLERANCE, layer_errors, sqnr_db
 from fastcnn.report import Report
+
+_CALLER = "fastcnn.quantize"
 
 
 @dataclasses.dataclass
-class _Options:
+class _Options:  # a QuantConfig checked, with what follows from it
     observer: str
     percentile: float
     tolerance: float | None
@@ -94,17 +97,7 @@ def _qconv_factory(gm, opts: _Options):
 
 
 def quantize(
-    model: nn.Module,
-    calibration,
-    *,
-    observer: str = "percentile",
-    percentile: float = 99.99,
-    verify: bool | float = False,
-    float_stem: bool = False,
-    keep_float=(),
-    overflow_fix: bool | str = "auto",
-    backend: str | None = None,
-    verify_batches: int = 4,
+    model: nn.Module, calibration, config: QuantConfig | None = None, **options
 ) -> nn.Module:
     """An int8 inference copy of `model` (fp32, eval-mode semantics; `model` is not changed).
 
@@ -118,36 +111,25 @@ def quantize(
     What is not a conv (the classifier, average pooling) runs in fp32 between a Dequantize and
     the next Quantize.
 
-    observer: "minmax", "percentile" (clip at `percentile`, default 99.99) or "entropy" (alias
-    "histogram": KL-divergence thresholds, as TensorRT calibrates).
-    verify: True (tolerance VERIFY_TOLERANCE, relative RMS) or a float tolerance: every int8
-    conv is compared with its fp32 layer on the first `verify_batches` calibration batches, and
-    those whose error exceeds the tolerance stay fp32. fastcnn.report(result) lists every layer,
-    its error (entry.error) and what stayed float and why.
-    float_stem: keep the first conv in fp32. keep_float: module paths to keep in fp32.
-    overflow_fix: quantize weights to 7 bits (|w| <= 63) so that CPUs without VNNI compute
-    them exactly (their u8 x s8 instructions saturate otherwise, see fastcnn/cpu/int8.py);
-    "auto" (default): when the CPU running quantize has no VNNI.
-    backend: pin the int8 modules to "cpu", "triton" or "eager" (None: the one in force).
+    config: a QuantConfig (default: QuantConfig()); options: any of its fields as keywords,
+    which replace the config's.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fastcnn.quantize expects an nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = QuantConfig()
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"{_CALLER}: config must be a QuantConfig, got {type(config).__name__}")
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"{_CALLER}: unknown option(s) {unknown}; QuantConfig has {FIELDS}")
+    config = dataclasses.replace(config, **options)
+    observer, backend, verify = config.observer, config.backend, config.verify
+    check_model(_CALLER, model)
     if observer not in OBSERVERS:
         raise ValueError(
             f"fastcnn.quantize: unknown observer {observer!r}; choose from {OBSERVERS}"
         )
-    if backend is not None:
-        with _backend.use_backend(backend):
-            pass
-    tolerance = None
-    if verify is True:
-        tolerance = VERIFY_TOLERANCE
-    elif isinstance(verify, float) and not isinstance(verify, bool):
-        if verify <= 0:
-            raise ValueError(f"fastcnn.quantize: verify tolerance must be positive, got {verify}")
-        tolerance = verify
-    elif verify is not False and verify is not None:
-        raise ValueError(f"fastcnn.quantize: verify must be a bool or a float, got {verify!r}")
+    check_backend(_CALLER, backend)
+    tolerance = verify_tolerance(_CALLER, verify, INT8_LAYER_TOLERANCE)
     params = list(model.parameters()) + list(model.buffers())
     floats = [p for p in params if p.is_floating_point()]
     if floats and any(p.dtype != torch.float32 for p in floats):
@@ -155,13 +137,13 @@ def quantize(
     device = floats[0].device if floats else torch.device("cpu")
     opts = _Options(
         observer,
-        percentile,
+        config.percentile,
         tolerance,
-        float_stem,
-        frozenset(keep_float),
-        _weight_max(overflow_fix),
+        config.float_stem,
+        frozenset(config.keep_float),
+        _weight_max(config.overflow_fix),
         backend,
-        verify_batches,
+        config.verify_batches,
     )
     batches = _batches(calibration, device)
     fp = optimize(copy.deepcopy(model), inplace=True)

@@ -21,7 +21,7 @@ from fastcnn.quantize.graph import residual_of
 # Relative RMS error above which verify=True keeps a conv in fp32. An 8-bit layer with
 # well-calibrated ranges lands around 0.5-3%; 10% means a range or a weight that 8 bits
 # cannot hold (one huge outlier channel, an activation with a long tail clipped away).
-VERIFY_TOLERANCE = 0.1
+INT8_LAYER_TOLERANCE = 0.1
 
 
 def layer_errors(gm: fx.GraphModule, batches: list, candidates: dict) -> dict[fx.Node, float]:

@@ -4,6 +4,7 @@ layer that 8 bits cannot hold, the report, state_dict round trips, torch.compile
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -13,7 +14,7 @@ from fastcnn_testing import randomize_batchnorm, skip_unsupported
 
 import fastcnn
 from fastcnn.nn.quantized import QConvBNAct, Requantize
-from fastcnn.quantize import VERIFY_TOLERANCE, sqnr_db
+from fastcnn.quantize import INT8_LAYER_TOLERANCE, sqnr_db
 
 
 def _batches(n, size, seed, batch=2):
@@ -80,7 +81,7 @@ def test_verify_keeps_an_unquantizable_layer_in_float():
     report = fastcnn.report(q)
     reverted = report.by_action("reverted")
     assert [e.path for e in reverted] == ["layer2.0.conv1"]
-    assert reverted[0].error > VERIFY_TOLERANCE
+    assert reverted[0].error > INT8_LAYER_TOLERANCE
     assert "verify error" in str(report)
     assert not isinstance(q.get_submodule("layer2.0.conv1"), QConvBNAct)
     with torch.no_grad(), fastcnn.trace() as t:
@@ -159,6 +160,8 @@ def test_triton_and_eager_backends_agree_with_the_cpu_kernels():
         (dict(calibration=[torch.zeros(3, 8)]), TypeError, "float"),
         (dict(observer="mse"), ValueError, "unknown observer"),
         (dict(verify=-1.0), ValueError, "positive"),
+        (dict(verify="yes"), ValueError, "fastcnn.quantize: verify must be a bool or a positive"),
+        (dict(backend="nope"), ValueError, "fastcnn.quantize: unknown fastcnn backend 'nope'"),
         (dict(overflow_fix="yes"), ValueError, "overflow_fix"),
     ],
 )
@@ -168,6 +171,36 @@ def test_bad_arguments_are_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         fastcnn.quantize(model, **args)
+
+
+def test_a_config_object_and_keywords_give_the_same_model():
+    """quantize(m, batches, QuantConfig(...)) is the keyword form; keywords given with a config
+    replace its fields."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    batches = [torch.randn(2, 3, 8, 8)]
+    x = torch.randn(1, 3, 8, 8)
+    by_keywords = fastcnn.quantize(model, batches, observer="minmax", float_stem=True)
+    config = fastcnn.QuantConfig(observer="minmax", float_stem=False)
+    by_config = fastcnn.quantize(model, batches, config, float_stem=True)
+    with torch.no_grad():
+        assert torch.equal(by_keywords(x), by_config(x))
+    kept = {e.path for e in fastcnn.report(by_config).entries if e.action == "kept"}
+    assert kept == {"0"}  # the stem stayed fp32: the keyword replaced the config's field
+    assert dataclasses.replace(config, verify=True).observer == "minmax"
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "match"),
+    [
+        ("minmax", {}, "config must be a QuantConfig, got str"),
+        (None, {"observers": "minmax"}, r"unknown option\(s\) \['observers'\]"),
+    ],
+)
+def test_bad_configs_are_named(config, options, match):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    with pytest.raises(TypeError, match=match):
+        fastcnn.quantize(model, [torch.randn(1, 3, 8, 8)], config, **options)
 
 
 def test_overflow_fix_gives_7_bit_weights():
