@@ -145,6 +145,18 @@ COLUMNS = {
         ("on ms", "{on_ms:.2f}"),
         ("speedup", "{speedup:.3f}x"),
     ],
+    "compare_runs": [
+        ("model", "{model}"),
+        ("batch", "{batch}"),
+        ("provider / baseline", "{provider} / {baseline}"),
+        ("before", "{before:.3f}x"),
+        ("after", "{after:.3f}x"),
+        ("after / before", "{change:.3f}x"),
+        ("ms before", "{before_ms:.1f}"),
+        ("ms after", "{after_ms:.1f}"),
+        ("ms before / after", "{ms_change:.3f}x"),
+        ("runs", "{runs}"),
+    ],
     "winograd_convs": [
         ("batch", "{batch}"),
         ("channels", "{c_in} -> {c_out}"),
