@@ -12,6 +12,7 @@ from fastcnn._backend import (
     use_backend,
 )
 from fastcnn._trace import KernelEvent, KernelKey, Trace, trace
+from fastcnn.caches import CacheInfo, cache_info, refresh, set_cache_budget
 from fastcnn.cuda_graphs import CUDAGraphed, cuda_graphs
 from fastcnn.nn.fold_bn import fold_bn
 from fastcnn.optimize import optimize
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "CUDAGraphed",
+    "CacheInfo",
     "KernelEvent",
     "KernelKey",
     "QuantConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "Trace",
     "__version__",
     "available_backends",
+    "cache_info",
     "cuda_graphs",
     "fold_bn",
     "get_backend",
@@ -39,8 +42,10 @@ __all__ = [
     "optimize",
     "quantize",
     "reference",
+    "refresh",
     "report",
     "set_backend",
+    "set_cache_budget",
     "trace",
     "use_backend",
 ]

@@ -19,7 +19,7 @@ LAYERS = [
     ("fastcnn.ops",),
     ("fastcnn.nn",),
     ("fastcnn.models", "fastcnn.report", "fastcnn.cuda_graphs", "fastcnn.optimize",
-     "fastcnn.quantize"),
+     "fastcnn.quantize", "fastcnn.caches"),
     ("fastcnn", "fastcnn.bench", "fastcnn.collect_env", "fastcnn.build"),
 ]  # fmt: skip
 

@@ -38,9 +38,10 @@ struct Conv {
   bool sum = false;  // residual added as a sum post-op: it is the destination itself
 };
 
-// Primitives kept: a GoogLeNet or ResNet-50 at a handful of batch sizes needs a few hundred.
-// Past the bound the map is emptied (and refilled by the shapes still in use).
-constexpr size_t kMaxPrimitives = 2048;
+// Primitives kept (no weights): a GoogLeNet or ResNet-50 served at every batch size up to 32
+// needs ~2000 (a few layouts of the residual each); past the bound the map is emptied (and
+// refilled by the shapes still in use).
+constexpr size_t kMaxPrimitives = 8192;
 
 memory::data_type data_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -225,6 +226,22 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::I
 }
 
 }  // namespace
+
+// The id of the layout onednn_conv_pack packs an fp32 weight of sizes w in for inputs of x_sizes
+// at this thread count (Winograd's where winograd): convs whose ids agree share one pack, so a
+// weight served at many batch sizes is packed once per layout, not once per shape.
+int64_t onednn_conv_layout(at::IntArrayRef x_sizes, at::IntArrayRef w, at::IntArrayRef stride,
+                           at::IntArrayRef padding, int64_t groups, bool winograd) {
+  TORCH_CHECK(x_sizes.size() == 4 && w.size() == 4 && x_sizes[1] == w[1] * groups,
+              "fastcnn onednn_conv_layout: input sizes ", x_sizes, " do not fit the weight ", w);
+  if (winograd) {
+    TORCH_CHECK(winograd_applies(w, stride, padding, groups, at::kFloat),
+                "fastcnn onednn_conv_layout: Winograd takes fp32 3x3 convs of stride 1, padding "
+                "1, 1 group");
+    return winograd_layout_id(layout_id(winograd_weights_desc(x_sizes, w[0])));
+  }
+  return layout_id(packed_weight_desc(x_sizes, w, stride, padding, groups, memory::data_type::f32));
+}
 
 // weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see
 // packed_weight_desc): (the bytes, the layout's id for onednn_conv). With winograd, transformed

@@ -116,7 +116,9 @@ std::shared_ptr<const Plan> make_plan(at::IntArrayRef x, int64_t k) {
 
 std::mutex plans_mutex;
 std::unordered_map<OnednnKey, std::shared_ptr<const Plan>, OnednnKeyHash> plans;
-constexpr size_t kMaxPlans = 512;
+// Plans kept (a matmul primitive each, no weights): a server cycling through every batch size up
+// to 32 of a GoogLeNet needs ~600; past the bound the map is emptied and refilled.
+constexpr size_t kMaxPlans = 4096;
 
 // The plan for x's sizes and k outputs at this thread count (oneDNN picks the packed layout
 // and the partitioning for it).
@@ -255,6 +257,10 @@ bool winograd_applies(at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef
   return w.size() == 4 && w[2] == 3 && w[3] == 3 && stride.size() == 2 && stride[0] == 1 &&
          stride[1] == 1 && padding.size() == 2 && padding[0] == 1 && padding[1] == 1 &&
          groups == 1 && type == at::kFloat;
+}
+
+memory::desc winograd_weights_desc(at::IntArrayRef x_sizes, int64_t k) {
+  return plan_for(x_sizes, k)->weights;
 }
 
 std::tuple<at::Tensor, memory::desc> winograd_pack(const at::Tensor& weight,

@@ -29,6 +29,10 @@ bool winograd_applies(at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef
 std::tuple<at::Tensor, dnnl::memory::desc> winograd_pack(const at::Tensor& weight,
                                                          at::IntArrayRef x_sizes);
 
+// The matmul layout winograd_pack packs a weight of k outputs in for inputs of x_sizes at this
+// thread count (convs whose layouts agree can share one pack).
+dnnl::memory::desc winograd_weights_desc(at::IntArrayRef x_sizes, int64_t k);
+
 // out = relu?(conv3x3(x) + bias + residual), with the weight packed by winograd_pack for x's
 // sizes in the layout `packed_layout` (refused where this call's plan has another). out and
 // residual may have any strides; x's channels must be innermost (stride 1): returns false,

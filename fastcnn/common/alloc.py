@@ -6,9 +6,12 @@ block that still holds another backend's correct result."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +39,90 @@ def empty_strided(shape, strides, like: torch.Tensor) -> torch.Tensor:
     return t if _poison is None else _fill(t)
 
 
+def _budget_from_env() -> int:
+    """FASTCNN_CACHE_BUDGET: bytes, with an optional K, M or G suffix (default 1G)."""
+    text = os.environ.get("FASTCNN_CACHE_BUDGET", "1G").strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise ValueError(
+            f"FASTCNN_CACHE_BUDGET must be a byte count like 536870912 or 512M, got {text!r}"
+        ) from None
+
+
+class KeptOutputs:
+    """The memory all planned outputs keep between calls (Recycled), under one byte budget:
+    past it, the least recently used are dropped (their next call allocates afresh). A model
+    served at many input shapes keeps one output per shape and module otherwise."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._lru: collections.OrderedDict[int, tuple[weakref.ref, int]] = collections.OrderedDict()
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def keep(self, owner: Recycled, nbytes: int) -> bool:
+        """owner keeps nbytes now and was just used; then the least recently used others are
+        dropped past the budget. False when nbytes alone exceeds it (owner keeps nothing)."""
+        if nbytes > self.budget:
+            self.forget(owner)
+            return False
+        with self._lock:
+            _, old = self._lru.pop(id(owner), (None, 0))
+            self._lru[id(owner)] = (weakref.ref(owner, self._died(id(owner))), nbytes)
+            self.total += nbytes - old
+        self.evict()
+        return True
+
+    def evict(self) -> None:
+        """Drop the least recently used outputs until the total is within the budget."""
+        victims = []
+        with self._lock:
+            while self.total > self.budget and self._lru:
+                _, (ref, size) = self._lru.popitem(last=False)
+                self.total -= size
+                victims.append(ref())
+        for victim in victims:  # a call holding the tensor keeps its memory alive regardless
+            if victim is not None:
+                victim._keep = None
+
+    def touch(self, owner: Recycled) -> None:
+        with self._lock:
+            if id(owner) in self._lru:
+                self._lru.move_to_end(id(owner))
+
+    def forget(self, owner: Recycled) -> None:
+        with self._lock:
+            _, size = self._lru.pop(id(owner), (None, 0))
+            self.total -= size
+
+    def _died(self, key: int):
+        def forget(ref):
+            with self._lock:
+                entry = self._lru.get(key)
+                if entry is not None and entry[0] is ref:
+                    del self._lru[key]
+                    self.total -= entry[1]
+
+        return forget
+
+
+kept_outputs = KeptOutputs(_budget_from_env())
+
+
+def set_cache_budget(nbytes: int) -> int:
+    """Bytes that planned outputs may keep between calls, all modules together (the least
+    recently used dropped first; default 1 GiB, or env FASTCNN_CACHE_BUDGET); returns the
+    previous budget. 0 keeps none: every call allocates its output."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"fastcnn.set_cache_budget: a byte count >= 0 expected, got {nbytes!r}")
+    previous, kept_outputs.budget = kept_outputs.budget, nbytes
+    kept_outputs.evict()
+    return previous
+
+
 class Recycled:
     """The output buffer of one planned CPU call, handed out again once nothing else holds its
     memory: a new [shape] tensor with these strides otherwise.
@@ -46,9 +133,10 @@ class Recycled:
     other holder at all (the tensor handed out, any view of it, a storage object, a C++
     reference: each holds the storage), is the memory we allocated and not shared with another
     process, checked and claimed under a lock, so two threads never get one buffer. The plan
-    keeps the memory of its last output between calls: one output per plan."""
+    keeps the memory of its last output between calls, one output per plan, all of them within
+    one byte budget (KeptOutputs, set_cache_budget)."""
 
-    __slots__ = ("_keep", "_lock", "_memory", "shape", "strides")
+    __slots__ = ("__weakref__", "_keep", "_lock", "_memory", "shape", "strides")
 
     def __init__(self, shape, strides) -> None:
         self.shape, self.strides = tuple(shape), tuple(strides)
@@ -59,14 +147,20 @@ class Recycled:
     def get(self, like: torch.Tensor) -> torch.Tensor:
         with self._lock:
             keep = self._keep
-            if keep is not None and self._only_ours(keep):
+            reused = keep is not None and self._only_ours(keep)
+            if reused:
                 t = keep.detach()
-                return t if _poison is None else _fill(t)
-            t = like.new_empty_strided(self.shape, self.strides)
-            # detach(): an alias that is not a view, so it holds no reference to t itself (a
-            # view's base would keep t's hold on the memory alive: never free)
-            self._keep = t.detach()
-            self._memory = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            else:
+                t = like.new_empty_strided(self.shape, self.strides)
+                # detach(): an alias that is not a view, so it holds no reference to t itself
+                # (a view's base would keep t's hold on the memory alive: never free)
+                self._keep = t.detach()
+                self._memory = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        # the budget's lock after this one's, never the other way round
+        if reused:
+            kept_outputs.touch(self)
+        elif not kept_outputs.keep(self, self._memory[1]):
+            self._keep = None
         return t if _poison is None else _fill(t)
 
     def _only_ours(self, keep: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,9 +35,12 @@ def signature(weight: torch.Tensor) -> tuple:
 class WeightCache:
     """id(weight) -> (signature, {key: value}, the weight's storage)."""
 
+    instances: ClassVar[weakref.WeakSet[WeightCache]] = weakref.WeakSet()  # every cache made
+
     def __init__(self) -> None:
         self.entries: dict[int, tuple[tuple, dict[Any, Any], object]] = {}
         self._lock = threading.Lock()
+        WeightCache.instances.add(self)
 
     def get(self, weight: torch.Tensor, sig: tuple, key, make: Callable[[], Any]) -> Any:
         """The value of `weight` (whose signature is `sig`) for `key`, made by make() on a miss."""
@@ -65,3 +68,31 @@ class WeightCache:
         """{key: value} kept for `weight` now (whatever its signature), for tests."""
         hit = self.entries.get(id(weight))
         return {} if hit is None else hit[1]
+
+    def forget(self, tensors) -> None:
+        """Drop every value made from these tensors (they change where no signature sees it)."""
+        with self._lock:
+            for t in tensors:
+                self.entries.pop(id(t), None)
+
+    def nbytes(self, tensors=None) -> int:
+        """The bytes of the values kept (for these tensors only, when given)."""
+        keys = None if tensors is None else {id(t) for t in tensors}
+        return sum(
+            _nbytes(values)
+            for key, (_, values, _) in list(self.entries.items())
+            if keys is None or key in keys
+        )
+
+
+def _nbytes(value) -> int:
+    """The memory a kept value holds: its tensors' bytes (oneDNN's opaque tensors included)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_mkldnn:
+            return int(torch.ops.mkldnn._nbytes(value))
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0

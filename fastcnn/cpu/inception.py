@@ -11,8 +11,8 @@ Which wins depends on the CPU, the batch and the block (the wider GEMM keeps mor
 a small batch; the copies cost more at a large one). Planned calls (`plan`) run the whole block
 as one C++ call (csrc/cpu/onednn_inception.cpp: the direct oneDNN convs, the pool and the
 concat into the output); the per-conv path (`branches`) ends with torch's concat. The choice is
-kept per block and input shape, at most weight_cache.KEYS_PER_WEIGHT shapes per block, and dies
-with the block's weights.
+kept per block and input shape, at most CHOICES_PER_BLOCK shapes per block, and dies with the
+block's weights.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import torch
 
 from fastcnn import _trace
 from fastcnn.common import alloc
-from fastcnn.common.weight_cache import KEYS_PER_WEIGHT, WeightCache, signature
+from fastcnn.common.weight_cache import WeightCache, signature
 from fastcnn.cpu import onednn
 from fastcnn.cpu.pool import max_pool2d_or_torch
 
 VARIANTS = ("merged", "separate")
+# Shapes whose choice a block keeps (a word each; choosing again times both structures): a
+# server cycling through every batch size up to 32 keeps them all.
+CHOICES_PER_BLOCK = 64
 TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
 
 _lock = threading.Lock()  # for the {shape: variant} maps
@@ -130,7 +133,7 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
         with _trace.trace():  # the trial calls' pool events are not this call's
             variant = _choose(run)
         with _lock:
-            if len(chosen) >= KEYS_PER_WEIGHT:
+            if len(chosen) >= CHOICES_PER_BLOCK:
                 chosen.pop(next(iter(chosen)), None)  # the oldest shape
             chosen[shape] = variant
     return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant

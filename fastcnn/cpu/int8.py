@@ -23,6 +23,7 @@ from fastcnn import _extension, _trace
 from fastcnn.common import alloc
 from fastcnn.common.dispatch import can_skip_dispatcher
 from fastcnn.common.weight_cache import WeightCache
+from fastcnn.common.weight_cache import signature as weight_signature
 
 _onednn = torch.ops.onednn
 # The overloads themselves: resolving a packet's overload costs microseconds on every call.
@@ -69,20 +70,20 @@ def exact_here(weight_max: int) -> bool:
     return isa() != "none" and (has_vnni() or weight_max <= NO_VNNI_WEIGHT_MAX)
 
 
-# Packs per (input shape, x_scale, x_zp), bounded and pinned as fastcnn.cpu.onednn's fp32 ones.
+# Packs per (conv, input size, x_scale, x_zp), bounded as fastcnn.cpu.onednn's fp32 ones.
 _cache = WeightCache()
 
 
 def signature(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple:
-    """What a packed weight depends on (inference tensors have no version counter: a new
-    tensor is noticed, an in-place change of one is not)."""
-    version = None if weight.is_inference() else weight._version
-    return (weight.data_ptr(), version, tuple(weight.shape), weight_scale.data_ptr())
+    """What a packed weight depends on: the weight and its scales (both are in the pack)."""
+    return (*weight_signature(weight), *weight_signature(weight_scale))
 
 
 def prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x_shape) -> torch.Tensor:
-    """weight in oneDNN's blocked int8 layout for this input shape and input quantization,
-    packed once (the last KEYS_PER_WEIGHT shapes are kept)."""
+    """weight in oneDNN's blocked int8 layout for this conv, input quantization and input
+    size, packed once per weight version. Not per batch size: the layout does not depend on it
+    (a pack made at batch 1 runs batch 8 and 32 as fast as their own), so a server cycling
+    through batch sizes keeps one pack (the last KEYS_PER_WEIGHT input sizes are kept)."""
 
     def pack() -> torch.Tensor:  # only on a miss: the hot path builds no arguments
         return _onednn.qconv_prepack(
@@ -90,7 +91,7 @@ def prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x_shape) -> 
             [1, 1], 1, list(x_shape),
         )  # fmt: skip
 
-    key = (tuple(x_shape), x_scale, x_zp)
+    key = (tuple(x_shape[1:]), tuple(stride), tuple(padding), x_scale, x_zp)
     return _cache.get(weight, signature(weight, weight_scale), key, pack)
 
 

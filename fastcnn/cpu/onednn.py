@@ -52,12 +52,13 @@ def cached_pack(weight: torch.Tensor, shape_key: tuple, pack) -> torch.Tensor:
 
 
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
-    """weight in oneDNN's blocked layout for this input shape, packed once (per weight version
-    and shape; the last KEYS_PER_WEIGHT shapes are kept)."""
+    """weight in oneDNN's blocked layout for this input shape (torch's mkldnn path, whose layout
+    is opaque: one pack per conv and input shape), packed once per weight version; the last
+    KEYS_PER_WEIGHT kept."""
     shape = tuple(input_shape)
     return cached_pack(
         weight,
-        shape,
+        ("torch", shape, tuple(stride), tuple(padding), groups),
         lambda: _mkldnn._reorder_convolution_weight(
             weight.contiguous(), list(padding), list(stride), [1, 1], groups, list(shape)
         ),
@@ -84,23 +85,6 @@ def linked_extension():
     return _extension_module[0]
 
 
-def pack_key(x: torch.Tensor, use_winograd: bool = False) -> tuple:
-    """The key of x's packed weight in the weight cache: the two paths pack apart (torch's
-    packed tensor, or the direct path's bytes), both per input shape; the direct path's also
-    per thread count and per kind (a Winograd pack or oneDNN's; see _direct_pack_key)."""
-    shape = tuple(x.shape)
-    return _direct_pack_key(shape, use_winograd) if direct(x) else shape
-
-
-def _direct_pack_key(shape: tuple, use_winograd: bool) -> tuple:
-    # oneDNN picks the packed layout for the thread count too, and a layout packed for another
-    # count may have no optimized kernel at this one (GoogLeNet packed at 2 threads and run at
-    # 1: two convs fell back to torch's path for good): a new count packs anew. Read per call,
-    # as torch.set_num_threads may change between calls of one plan. A Winograd pack and
-    # oneDNN's are kept apart (Winograd switched off, then on again: each pack is still there).
-    return ("direct", torch.get_num_threads(), use_winograd, *shape)
-
-
 def direct(x: torch.Tensor) -> bool:
     """Does a conv of x run through the direct oneDNN path (fp32, channels innermost)?"""
     return x.dtype == torch.float32 and x.stride(1) == 1 and linked_extension() is not None
@@ -120,27 +104,49 @@ def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str 
 
 class Packer:
     """pack(weight, use_winograd) -> (packed bytes, layout id): the direct path's packed copy
-    of one conv's weight for (fp32, channels_last) inputs of one shape, made once per weight
-    version (fastcnn.common.weight_cache), transformed for Winograd when asked. `eligible`:
-    whether Winograd may take this conv (fastcnn.cpu.winograd.eligible; whether it does also
-    depends on the switch, winograd.enabled(), read once per call by the caller)."""
+    of one conv's weight for (fp32, channels_last) inputs of one shape, transformed for
+    Winograd when asked. Packs are kept per weight version and layout
+    (fastcnn.common.weight_cache), not per shape: every batch size whose layout agrees (oneDNN
+    picks it per shape and thread count; most convs have one for every batch size) shares one
+    pack. `eligible`: whether Winograd may take this conv (fastcnn.cpu.winograd.eligible;
+    whether it does also depends on the switch, winograd.enabled(), read once per call)."""
 
-    __slots__ = ("_make", "eligible", "groups", "padding", "shape", "stride")
+    __slots__ = ("_layout_of", "_layouts", "_make", "eligible", "groups", "padding", "shape",
+                 "stride", "w_shape")  # fmt: skip
 
     def __init__(self, input_shape, weight_shape, stride, padding, groups: int = 1) -> None:
         self.shape, self.stride, self.padding = tuple(input_shape), tuple(stride), tuple(padding)
-        self.groups = groups
+        self.w_shape, self.groups = tuple(weight_shape), groups
         self.eligible = winograd.eligible(self.shape, weight_shape, stride, padding, groups)
-        self._make = linked_extension().onednn_conv_pack
+        ext = linked_extension()
+        self._make, self._layout_of = ext.onednn_conv_pack, ext.onednn_conv_layout
+        self._layouts: dict[tuple, int] = {}  # (thread count, Winograd?) -> layout id
+
+    def layout(self, use_winograd: bool) -> int:
+        """The id of the layout this conv's weight is packed in now. oneDNN picks it for the
+        thread count too, which may change between calls (torch.set_num_threads): read per
+        call, the layout asked of oneDNN once per count."""
+        key = (torch.get_num_threads(), use_winograd)
+        found = self._layouts.get(key)
+        if found is None:
+            found = self._layouts[key] = self._layout_of(
+                self.shape, self.w_shape, self.stride, self.padding, self.groups, use_winograd
+            )
+        return found
 
     def __call__(self, weight: torch.Tensor, use_winograd: bool) -> tuple[torch.Tensor, int]:
+        layout = self.layout(use_winograd)
         return cached_pack(
-            weight,
-            _direct_pack_key(self.shape, use_winograd),
-            lambda: self._make(
-                weight, self.shape, self.stride, self.padding, self.groups, use_winograd
-            ),
+            weight, ("direct", layout), lambda: self._pack(weight, use_winograd, layout)
         )
+
+    def _pack(self, weight, use_winograd, layout) -> tuple[torch.Tensor, int]:
+        packed, made = self._make(
+            weight, self.shape, self.stride, self.padding, self.groups, use_winograd
+        )
+        if made != layout:  # the key would file it under another layout's pack
+            raise RuntimeError(f"fastcnn: packed in layout {made}, {layout} expected")
+        return packed, made
 
     def winograd_now(self) -> bool:
         """Does a call now run this conv as Winograd (eligible, the switch on)?"""
@@ -187,6 +193,12 @@ class ConvPlan:
 
     def kernel(self, use_winograd: bool) -> str:
         return "winograd" if use_winograd else "onednn"
+
+    def pack_key(self, x: torch.Tensor, use_winograd: bool = False) -> tuple:
+        """The key under which the weight cache keeps this conv's pack for a call on x now."""
+        if self.packer is not None:
+            return ("direct", self.packer.layout(use_winograd))
+        return ("torch", tuple(x.shape), *self._args[:3])
 
     def winograd_now(self) -> bool:
         return self.packer is not None and self.packer.winograd_now()

@@ -45,6 +45,10 @@ class FoldedConvBN:
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pins: tuple = ()
 
+    def clear(self) -> None:
+        """Fold again on the next call (fastcnn.refresh: the weights changed unseen)."""
+        self._key, self._value, self._pins = None, None, ()
+
     def get(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         key = _signature(conv, bn)
         if key is None or key != self._key or self._value is None:

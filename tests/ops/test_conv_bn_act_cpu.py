@@ -23,18 +23,21 @@ def _run(x, weight, bias):
         return fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1)
 
 
+def _pack_key(x, weight, bias, use_winograd=False):
+    return onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, None, True).pack_key(x, use_winograd)
+
+
 def test_weights_are_packed_once_and_repacked_when_they_change():
     x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
     _run(x, weight, bias)
-    packed = onednn._packed[id(weight)][1][onednn.pack_key(x)]
+    key = _pack_key(x, weight, bias)
+    packed = onednn._cache.kept(weight)[key]
     _run(x, weight, bias)
-    assert onednn._packed[id(weight)][1][onednn.pack_key(x)] is packed, (
-        "the second call must reuse it"
-    )
+    assert onednn._cache.kept(weight)[key] is packed, "the second call must reuse it"
     with torch.no_grad():
         weight.mul_(-1)  # an in-place update (an optimizer step, load_state_dict, ...)
     out = _run(x, weight, bias)
-    assert onednn._packed[id(weight)][1][onednn.pack_key(x)] is not packed
+    assert onednn._cache.kept(weight)[key] is not packed
     expected = conv_reference64(x, weight, bias, 1, 1)
     assert_matches(out, expected, torch.float32)
 
@@ -49,20 +52,40 @@ def test_packing_dies_with_its_weight():
     assert key not in onednn._packed
 
 
-def test_each_input_shape_gets_its_own_packing_up_to_a_limit():
-    """oneDNN picks the weight layout for the input shape (a weight packed for batch 1 is
-    reordered on every batch-8 call): one packing per shape, the newest few kept."""
+def test_input_shapes_share_a_pack_where_the_layout_agrees(onednn_direct):
+    """The direct path's pack depends on the layout oneDNN picks (per conv and thread count),
+    not on the batch size: serving every batch size keeps one pack per layout."""
     _, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
-    shapes = [(b, 13, 7 + b, 5) for b in range(1, KEYS_PER_WEIGHT + 3)]
-    for i, shape in enumerate(shapes):
+    shapes = [(b, 13, 11, 5) for b in range(1, KEYS_PER_WEIGHT + 4)]
+    keys = set()
+    for shape in shapes:
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
         expected = conv_reference64(x, weight, bias, 1, 1)
         assert_matches(_run(x, weight, bias), expected, torch.float32)
-        kept = list(onednn._packed[id(weight)][1])
-        assert kept[-1] == onednn.pack_key(x) and len(kept) == min(i + 1, KEYS_PER_WEIGHT)
-    keys = [onednn.pack_key(torch.empty(s).contiguous(memory_format=torch.channels_last))
-            for s in shapes]  # fmt: skip
-    assert kept == keys[-KEYS_PER_WEIGHT:]
+        keys.add(_pack_key(x, weight, bias))
+    assert set(onednn._cache.kept(weight)) == keys
+    assert len(keys) < len(shapes)  # this conv has one layout for all of them (as most do)
+
+
+def test_the_torch_path_packs_per_input_shape_and_conv_up_to_a_limit():
+    """torch's mkldnn ops take an opaque pack made for one input shape, stride and padding:
+    one per (shape, conv), the newest few kept."""
+    _, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu")
+    shapes = [(b, 13, 7 + b, 5) for b in range(1, KEYS_PER_WEIGHT + 3)]
+    for i, shape in enumerate(shapes):
+        x = torch.randn(shape)  # NCHW: torch's path
+        assert not onednn.direct(x)
+        assert_matches(
+            _run(x, weight, bias), conv_reference64(x, weight, bias, 1, 1), torch.float32
+        )
+        kept = list(onednn._cache.kept(weight))
+        assert kept[-1] == _pack_key(x, weight, bias)
+        assert len(kept) == min(i + 1, KEYS_PER_WEIGHT)
+    x = torch.randn(shapes[-1])
+    with fastcnn.use_backend("cpu"):  # the same weight at stride 2: a pack of its own
+        y = fastcnn.ops.conv_bn_act(x, weight, bias, 2, 1)
+    assert_matches(y, conv_reference64(x, weight, bias, 2, 1), torch.float32)
+    assert list(onednn._cache.kept(weight))[-1] == ("torch", tuple(x.shape), (2, 2), (1, 1), 1)
 
 
 class _NoTorchPath:
@@ -71,13 +94,14 @@ class _NoTorchPath:
 
 
 @pytest.mark.parametrize("winograd_on", [False, True], ids=["direct", "winograd"])
-def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(
+def test_each_thread_count_runs_the_pack_of_its_layout_on_the_direct_path(
     monkeypatch, winograd_on, onednn_direct
 ):
-    """oneDNN picks the packed layout for the thread count too; a pack made at another count
-    may have no optimized kernel (GoogLeNet packed at 2 threads and run at 1 once fell back to
-    torch's path for two convs for good): each count gets its own pack, planned calls too.
-    Winograd's packs (oneDNN's matmul layout) as well."""
+    """oneDNN picks the packed layout for the thread count too, and a pack made at another
+    count may have no optimized kernel (GoogLeNet packed at 2 threads and run at 1 once fell
+    back to torch's path for good): each count runs a pack in its own layout, planned calls
+    too, and counts whose layouts agree share it. Winograd's packs (oneDNN's matmul layout)
+    as well."""
     x, weight, bias = random_conv_inputs(32, 64, 3, 14, 14, torch.float32, "cpu", batch=1)
     module = fastcnn.nn.ConvBNAct(32, 64, 3, padding=1, backend="cpu")
     with torch.no_grad():
@@ -87,7 +111,8 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchPath())  # a fallback fails the test
     monkeypatch.setitem(winograd._state, "enabled", winograd_on)
     kernels = {"cpu:winograd"} if winograd_on else ()
-    assert onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, None, True).winograd_now() == winograd_on
+    conv = onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, None, True)
+    assert conv.winograd_now() == winograd_on
     before = torch.get_num_threads()
     keys = []
     try:
@@ -96,12 +121,12 @@ def test_a_new_thread_count_packs_anew_and_stays_on_the_direct_path(
             with torch.no_grad():
                 for _ in range(2):  # the second call is a planned one
                     assert_matches(module(x), expected, torch.float32, kernels)
-            keys.append(onednn.pack_key(x, winograd_on))
+            keys.append(conv.pack_key(x, winograd_on))
     finally:
         torch.set_num_threads(before)
-    assert keys[0] == keys[2] != keys[1]
-    packs = onednn._packed[id(module.weight)][1]
-    assert set(packs) == {keys[0], keys[1]}
+    assert keys[0] == keys[2]
+    packs = onednn._cache.kept(module.weight)
+    assert set(packs) == set(keys)
     assert all((layout < -1) == winograd_on for _, layout in packs.values())
 
 

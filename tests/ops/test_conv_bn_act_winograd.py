@@ -154,7 +154,7 @@ def test_planned_calls_take_it(enabled):
         y = fused(x)
     assert_winograd_close(y, expected)
     (module,) = [m for m in fused.modules() if isinstance(m, fastcnn.nn.ConvBNAct)]
-    packs = onednn._packed[id(module.weight)][1]
+    packs = onednn._cache.kept(module.weight)
     assert [is_winograd_layout(layout) for _, layout in packs.values()] == [True]
 
 
