@@ -11,7 +11,8 @@ Every op implementation reports the kernel it ran through `record`; a path slowe
 backend's own kernel (the eager reference because oneDNN has no fp16 on this CPU, cuDNN + an
 epilogue pass because cuBLASLt cannot read an NCHW residual, ...) carries the reason as
 `fallback`. Tests use this to assert the path they mean to check; fastcnn.report shows it for a
-model run once. With no trace active, `record` costs one ContextVar read per op call.
+model run once. With no trace active, `record` costs a torch.compiler.is_compiling() call and
+one ContextVar read per op call.
 While torch.compile traces a model nothing is recorded: the compiled graph's fastcnn ops
 record their kernels each time it runs.
 

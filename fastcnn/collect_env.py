@@ -5,6 +5,7 @@ Paste its output into bug reports. It builds the extension if that was not done 
 
 from __future__ import annotations
 
+import argparse
 import platform
 import shutil
 import subprocess
@@ -108,12 +109,29 @@ def collect() -> dict[str, object]:
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--expect-tested",
+        choices=["oldest", "newest"],
+        help="only check that the installed torch is the oldest (newest) release CI tests; "
+        "exit 1 with the reason if not (CI's legs)",
+    )
+    args = parser.parse_args(argv)
+    if args.expect_tested:
+        want = TESTED_TORCH[0] if args.expect_tested == "oldest" else TESTED_TORCH[-1]
+        if _minor(torch.__version__) != _minor(want):
+            print(f"torch {torch.__version__}: the {args.expect_tested} tested is {want} "
+                  "(fastcnn.collect_env.TESTED_TORCH)", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"torch {torch.__version__}: the {args.expect_tested} release CI tests")
+        return 0
     info = collect()
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}} : {value}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,18 +15,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import generate_docs  # noqa: E402
 
-# A measurement: a ratio with decimals (1.04x), a time, a size, a rate, a percentage, or an
-# error in e-notation. Integer multiples (4x fewer multiplies, 3x3 kernels) are arithmetic.
+# A measurement: a ratio with decimals (1.04x, 1.3×, 1.3 times), a time, a size, a rate, a
+# percentage, an error in e-notation, or a table row of decimals. Integer multiples (4x fewer
+# multiplies, 3x3 kernels) are arithmetic.
 FIGURE = re.compile(
-    r"(?<![\w.])(\d+\.\d+x\b|\d+(\.\d+)?\s?(ms|µs|us|MB|GB|MiB|GiB|KB|%|img/s|GFLOP/s)(?!\w)"
+    r"(?<![\w.])(\d+\.\d+\s?(x|×|times)(?!\w)"
+    r"|\d+(\.\d+)?\s?(ms|µs|us|s|min|MB|GB|MiB|GiB|KB|%|img/s|GFLOP/s)(?![\w/])"
     r"|\d(\.\d+)?e-\d+)"
+    r"|^\|.*\d\.\d.*\|\s*$",
+    re.M,
 )
 
 
 def _prose(text: str) -> str:
-    """text without its generated blocks and fenced code."""
-    text = generate_docs.BLOCK.sub("", text)
-    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    """text with its generated blocks and fenced code blanked out (their lines kept, so that
+    line numbers still count the file's)."""
+
+    def blank(match: re.Match) -> str:
+        return "\n" * match[0].count("\n")
+
+    text = generate_docs.BLOCK.sub(blank, text)
+    return re.sub(r"^```.*?^```", blank, text, flags=re.M | re.S)
 
 
 def test_generated_blocks_are_up_to_date():
@@ -49,9 +58,24 @@ def test_no_figure_typed_by_hand(doc):
 
 
 def test_the_checker_sees_a_typed_figure():
-    assert FIGURE.search("fastcnn is 1.04x the best peer") is not None
-    assert FIGURE.search("it takes 12.5 ms") is not None
-    assert FIGURE.search("a 3x3 conv, 4x fewer multiplies, batch 8") is None
+    for typed in [
+        "fastcnn is 1.04x the best peer",
+        "1.3× faster",
+        "1.3 times faster",
+        "it takes 12.5 ms",
+        "it takes 45 s",
+        "in 2 min",
+        "| resnet50 | 12.4 | 13.1 |",
+    ]:
+        assert FIGURE.search(typed) is not None, typed
+    for arithmetic in [
+        "a 3x3 conv, 4x fewer multiplies, batch 8",
+        "torch 2.11 and 2.14",
+        "sm_80",
+        "Python 3.12",
+        "| `cpu` | CPU tensors |",
+    ]:
+        assert FIGURE.search(arithmetic) is None, arithmetic
 
 
 @pytest.mark.parametrize("doc", generate_docs.docs(), ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -1,6 +1,7 @@
-"""fastcnn's layers depend one way (DESIGN.md): the helpers under everything, the backends
-(cpu/, triton/), the ops, the modules, what is built from them. Every import inside fastcnn/,
-at module level or inside a function, goes down or sideways, and none closes a circle."""
+"""fastcnn's layers depend one way (README.md, Structure): the helpers under everything, the
+backends (cpu/, triton/), the ops, the modules, what is built from them. Every import inside
+fastcnn/, at module level or inside a function, goes down or sideways, and none closes a
+circle."""
 
 from __future__ import annotations
 
@@ -64,11 +65,13 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    """The index in LAYERS of the longest prefix that names module's place."""
+    """The index in LAYERS of the longest prefix that names module's place (the package itself,
+    "fastcnn", names only itself: a new module must be given a layer)."""
     best, rank = -1, None
     for i, names in enumerate(LAYERS):
         for prefix in names:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            within = module.startswith(prefix + ".") and prefix != "fastcnn"
+            if (module == prefix or within) and len(prefix) > best:
                 best, rank = len(prefix), i
     if rank is None:
         pytest.fail(f"{module} is in no layer: add it to LAYERS in {__file__}")
@@ -106,6 +109,11 @@ def test_no_import_circle():
         if module not in state:
             visit(module)
     assert circles == []
+
+
+def test_a_module_in_no_layer_is_named():
+    with pytest.raises(pytest.fail.Exception, match=r"fastcnn\.brand_new is in no layer"):
+        _layer("fastcnn.brand_new")
 
 
 def test_the_graph_sees_function_level_imports():

@@ -49,3 +49,10 @@ def test_the_floors_are_the_gpu_machines_versions_ci_runs():
 )
 def test_collect_env_says_where_a_torch_stands(version, says):
     assert collect_env.torch_support(version).startswith(says)
+
+
+def test_collect_env_checks_the_torch_a_ci_leg_expects(monkeypatch, capsys):
+    monkeypatch.setattr(collect_env.torch, "__version__", "2.11.0+cu130")
+    assert collect_env.main(["--expect-tested", "oldest"]) == 0
+    assert collect_env.main(["--expect-tested", "newest"]) == 1
+    assert "the newest tested is 2.14" in capsys.readouterr().err

@@ -17,11 +17,9 @@ def check_backend(caller: str, backend: str | None) -> None:
     here (else the error says why)."""
     if backend is None:
         return
-    try:
-        with _backend.use_backend(backend):
-            pass
-    except (ValueError, RuntimeError) as exc:
-        raise type(exc)(f"{caller}: {exc}") from exc
+    name = _backend._validate(backend, caller)
+    if name != "auto":
+        _backend._require_somewhere(name)
 
 
 def verify_tolerance(caller: str, verify: object, default):

@@ -162,10 +162,11 @@ class ConvPlan:
     plan(x, weight, bias, residual, out=None, use_winograd=None) -> the result: a new tensor
     (in out_format; None: channels_last from the direct path, what torch's op gives otherwise;
     with recycle, the last call's output memory where nothing else holds it:
-    fastcnn.common.alloc.Recycled), or with out the residual itself, overwritten with the
-    result. use_winograd: what the caller recorded (None: the switch is read now). Attributes:
-    `copy`, why the residual is copied first (or None); `packer`, the direct path's (or None);
-    `kernel(use_winograd)`, "winograd" or "onednn", as fastcnn.trace records it.
+    fastcnn.common.alloc.Recycled), or out, holding the result: written in place where out is
+    the residual (any other out gets a copy, the residual left as it was). use_winograd: what
+    the caller recorded (None: the switch is read now). Attributes: `copy`, why the residual
+    is copied first (or None); `packer`, the direct path's (or None); `kernel(use_winograd)`,
+    "winograd" or "onednn", as fastcnn.trace records it.
     """
 
     __slots__ = (
@@ -183,6 +184,7 @@ class ConvPlan:
                  out_format=None, recycle=False) -> None:  # fmt: skip
         stride, padding = tuple(stride), tuple(padding)
         self.copy = residual_copy_reason(x, residual)
+        # oneDNN reads the bias as a dense vector (the op passes one; other callers may not)
         self._dense_bias = bias is not None and not bias.is_contiguous()
         self._format = out_format
         shape = tuple(output_shape(x.shape, weight.shape, stride, padding, (1, 1)))
@@ -206,9 +208,10 @@ class ConvPlan:
     def __call__(self, x, weight, bias, residual, out=None, use_winograd=None) -> torch.Tensor:
         if self.copy is not None:  # a new tensor already: the result is not written in place
             residual = residual.contiguous(memory_format=torch.channels_last)
-        if self._dense_bias:  # oneDNN reads the bias as a dense vector
+        if self._dense_bias:
             bias = bias.contiguous()
-        target = out if self.copy is None else None
+        # written in place only into the residual itself, and not into a copy of it
+        target = out if out is not None and out is residual and self.copy is None else None
         if self.packer is not None:
             if use_winograd is None:
                 use_winograd = self.packer.winograd_now()
@@ -249,14 +252,6 @@ def plan(x, weight, bias, stride, padding, groups, residual, relu, out_format=No
     return ConvPlan(x, weight, bias, stride, padding, groups, residual, relu, out_format, recycle)
 
 
-def conv_bn_act(x, weight, bias, stride, padding, residual, relu, in_place=False,
-                groups=1) -> torch.Tensor:  # fmt: skip
-    """One call through `plan`: a new tensor in x's memory format, or with in_place=True the
-    residual itself, overwritten with the result."""
-    conv = plan(x, weight, bias, stride, padding, groups, residual, relu)
-    return conv(x, weight, bias, residual, residual if in_place else None)
-
-
 def _torch_conv(x, weight, bias, residual, in_place, stride, padding, groups, relu):
     """torch's mkldnn op (a primitive descriptor per call), the weight prepacked for x's
     shape; with in_place, the residual overwritten with the result."""
@@ -266,7 +261,13 @@ def _torch_conv(x, weight, bias, residual, in_place, stride, padding, groups, re
         return _mkldnn._convolution_pointwise(
             x, w, bias, pad, st, dil, groups, "relu" if relu else "none", [], ""
         )
-    if not in_place and residual.shape[2] * residual.shape[3] == 1:
+    # torch's in-place binary op falls back to aten's add_relu_ for a bf16/fp16 NCHW x, which
+    # has no kernel for them ("Unsupported datatype for add_relu"): out of place, then copied
+    in_place_runs = x.dtype == torch.float32 or x.is_contiguous(memory_format=torch.channels_last)
+    if in_place and not in_place_runs:
+        y = _torch_conv(x, weight, bias, residual, False, stride, padding, groups, relu)
+        return residual.copy_(y)
+    if not in_place and in_place_runs and residual.shape[2] * residual.shape[3] == 1:
         # torch 2.11's out-of-place binary op fails on a 1x1 output ("could not create a
         # memory"; 2.14's runs it), its in-place form runs it: into a copy of the residual
         residual, in_place = residual.clone(), True

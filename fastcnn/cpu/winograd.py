@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 ENV = "FASTCNN_WINOGRAD"
 # Below these the transforms and the channel padding (to 16) cost more than the products save.
 MIN_CHANNELS = 16
@@ -50,19 +48,11 @@ def tiles(input_shape) -> int:
 
 
 def eligible(input_shape, weight_shape, stride, padding, groups) -> bool:
-    """May an fp32 conv of these shapes run as Winograd (whether it does: `chosen`)?"""
+    """May an fp32 conv of these shapes run as Winograd (whether a call does: also the switch,
+    `enabled()`, read by fastcnn.cpu.onednn.Packer.winograd_now)?"""
     if groups != 1:
         return False
     k_out, c_in, kh, kw = weight_shape
     if (kh, kw) != (3, 3) or tuple(stride) != (1, 1) or tuple(padding) != (1, 1):
         return False
     return min(c_in, k_out) >= MIN_CHANNELS and tiles(input_shape) >= MIN_TILES
-
-
-def chosen(input_shape, weight_shape, stride, padding, groups, dtype) -> bool:
-    """Does a conv of these shapes and dtype run as Winograd now (eligible, the switch on)?"""
-    return (
-        enabled()
-        and dtype == torch.float32
-        and eligible(input_shape, weight_shape, stride, padding, groups)
-    )

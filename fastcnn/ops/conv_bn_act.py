@@ -192,8 +192,6 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
     if groups != 1 and impl not in _GROUPED_IMPLS:
         return None
     stride, padding, dilation = args[3], args[4], args[6]
-    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    strides = strides_of(shape, memory_format_of(x))
     if impl is _cpu_impl:
         from fastcnn.cpu import onednn
 
@@ -207,6 +205,8 @@ def plan(x, weight, bias, stride, padding, groups, dilation, residual, relu, in_
             return impl(x, weight, bias, stride, padding, groups, dilation, residual, relu, out)
 
         return run
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    strides = strides_of(shape, memory_format_of(x))
     # The GPU kernels write into a buffer allocated here, and their launcher is resolved now:
     # a planned call is the allocation and the launcher call, nothing else (plans run only
     # while no trace records, so there is no path to record).

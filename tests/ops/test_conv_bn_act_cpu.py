@@ -4,6 +4,8 @@ with their tensor; dtypes oneDNN cannot run here fall back to the reference with
 from __future__ import annotations
 
 import gc
+import importlib
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from fastcnn_testing import assert_matches, conv_reference64, random_conv_inputs
 import fastcnn
 from fastcnn.common.weight_cache import KEYS_PER_WEIGHT
 from fastcnn.cpu import onednn, winograd
+
+conv_module = importlib.import_module("fastcnn.ops.conv_bn_act")
 
 pytestmark = pytest.mark.skipif(
     not onednn.supports(torch.float32), reason="this torch build has no oneDNN (mkldnn)"
@@ -205,3 +209,46 @@ def test_residual_into_a_1x1_output(h, k, stride, padding):
     assert t.kernels() == {"cpu:onednn"}
     assert torch.equal(res, kept)
     assert_matches(out, conv_reference64(x, weight, bias, stride, padding, res), torch.float32)
+
+
+def test_a_plan_writes_into_another_out_without_touching_the_residual():
+    """A ConvPlan's out that is not the residual gets the result; the residual (which torch's
+    in-place op would have overwritten) stays as it was, on either path."""
+    for channels_last in (True, False):  # the direct path, torch's path
+        x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.float32, "cpu",
+                                             channels_last=channels_last)  # fmt: skip
+        r = torch.randn(2, 24, 7, 9)
+        kept, out = r.clone(), torch.empty(2, 24, 7, 9)
+        conv = onednn.plan(x, weight, bias, (1, 1), (1, 1), 1, r, True)
+        assert conv(x, weight, bias, r, out) is out
+        assert torch.equal(r, kept)
+        assert_matches(out, conv_reference64(x, weight, bias, 1, 1, r), torch.float32)
+
+
+def test_a_planned_conv_of_a_channel_slice_gives_the_ops_result_and_layout():
+    """x a channel slice of a wider channels_last tensor (channels innermost, not dense): the
+    plan gives what the op gives, values and strides."""
+    big = torch.randn(2, 40, 9, 7).contiguous(memory_format=torch.channels_last)
+    x = big[:, 8:20]
+    _, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
+    with fastcnn.use_backend("cpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note that oneDNN has no kernel for the slice
+        expected = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1)
+        run = conv_module.plan(x, weight, bias, 1, 1, 1, 1, None, True)
+        planned = run(x, weight, bias, None, None)
+    assert planned.stride() == expected.stride()
+    assert_matches(planned, conv_reference64(x, weight, bias, 1, 1), torch.float32)
+
+
+@pytest.mark.skipif(not onednn.supports(torch.bfloat16), reason="oneDNN has no bf16 on this CPU")
+def test_bf16_in_place_over_the_residual_of_an_nchw_input():
+    """torch's in-place binary op has no bf16 kernel for an NCHW x (an internal assert in
+    torch): the result is computed out of place and written over the residual."""
+    x, weight, bias = random_conv_inputs(13, 24, 3, 7, 9, torch.bfloat16, "cpu",
+                                         channels_last=False)  # fmt: skip
+    r = torch.randn(2, 24, 7, 9).bfloat16()
+    expected = conv_reference64(x, weight, bias, 1, 1, r)
+    with runs_on("conv_bn_act", "cpu", torch.bfloat16):
+        y = fastcnn.ops.conv_bn_act(x, weight, bias, 1, 1, residual=r, out=r)
+    assert y is r
+    assert_matches(y, expected, torch.bfloat16)

@@ -17,6 +17,12 @@ _ext = _extension.load()
 needs_direct = pytest.mark.usefixtures("onednn_direct")  # conftest.py: skips without it
 
 
+def _conv(x, weight, bias, stride, padding, residual, relu, in_place=False, groups=1):
+    """One call through the CPU conv's entry point (fastcnn.cpu.onednn.plan)."""
+    conv = onednn.plan(x, weight, bias, stride, padding, groups, residual, relu)
+    return conv(x, weight, bias, residual, residual if in_place else None)
+
+
 class _NoTorchOps:
     def __getattr__(self, name):
         raise AssertionError(f"the direct path called torch.ops.mkldnn.{name}")
@@ -35,7 +41,7 @@ def test_direct_convs_match_the_reference_without_torch_ops(monkeypatch, groups,
     expected = conv_reference64(x, weight, bias, 2, 1, r, relu=relu, groups=groups)
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchOps())
     dest = r.clone() if r is not None else None
-    y = onednn.conv_bn_act(x, weight, bias, (2, 2), (1, 1), dest, relu, residual == "in_place",
+    y = _conv(x, weight, bias, (2, 2), (1, 1), dest, relu, residual == "in_place",
                            groups)  # fmt: skip
     assert_matches(y, expected, torch.float32)
     if r is not None:
@@ -48,7 +54,7 @@ def test_a_residual_in_another_layout_is_copied_then_added():
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     r = random_tensor((2, 20, 9, 7), torch.float32, "cpu", seed=6)  # NCHW
     assert onednn.residual_copy_reason(x, r) is not None
-    y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), r, True)
+    y = _conv(x, weight, bias, (1, 1), (1, 1), r, True)
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1, r), torch.float32)
 
 
@@ -61,11 +67,11 @@ def test_a_layout_without_an_optimized_kernel_falls_back_with_a_note(monkeypatch
     x = big[:, 8:20]
     _, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match="no optimized kernel"):
-        y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
+        y = _conv(x, weight, bias, (1, 1), (1, 1), None, True)
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1), torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
+        _conv(x, weight, bias, (1, 1), (1, 1), None, True)
 
 
 @needs_direct
@@ -98,7 +104,7 @@ def test_in_place_into_a_residual_channel_slice_is_computed():
     expected = conv_reference64(x, weight, bias, 1, 1, r.clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the no-kernel note
-        y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), r, True, True)
+        y = _conv(x, weight, bias, (1, 1), (1, 1), r, True, True)
     assert_matches(y, expected, torch.float32)
 
 
@@ -107,7 +113,7 @@ def test_a_strided_bias_is_read_as_its_values():
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     strided = torch.stack([bias, -bias], 1)[:, 0]  # bias's values, stride 2
     assert not strided.is_contiguous()
-    y = onednn.conv_bn_act(x, weight, strided, (1, 1), (1, 1), None, True)
+    y = _conv(x, weight, strided, (1, 1), (1, 1), None, True)
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1), torch.float32)
 
 
@@ -120,7 +126,7 @@ def test_without_the_library_torch_ops_run_and_it_is_noted(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
     with pytest.warns(RuntimeWarning, match="built without the oneDNN library"):
-        y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
+        y = _conv(x, weight, bias, (1, 1), (1, 1), None, True)
     assert not onednn.direct(x)
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1), torch.float32)
 
@@ -130,11 +136,11 @@ def test_primitives_are_made_once_per_layout(monkeypatch):
     x, weight, bias = random_conv_inputs(12, 20, 3, 11, 5, torch.float32, "cpu", batch=5)
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchOps())  # the direct path runs every call
     before = _ext.onednn_conv_cached()
-    onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
+    _conv(x, weight, bias, (1, 1), (1, 1), None, True)
     made = _ext.onednn_conv_cached()
     assert made == before + 1
     for _ in range(3):
-        onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, True)
+        _conv(x, weight, bias, (1, 1), (1, 1), None, True)
     assert _ext.onednn_conv_cached() == made
 
 
@@ -143,9 +149,9 @@ def test_a_weight_whose_strides_change_is_packed_again():
     """w.data = w.data.transpose(2, 3) keeps the storage, shape and version: only the strides
     tell the pack is stale."""
     x, weight, bias = random_conv_inputs(6, 10, 3, 7, 9, torch.float32, "cpu")
-    onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, False)
+    _conv(x, weight, bias, (1, 1), (1, 1), None, False)
     weight.data = weight.data.transpose(2, 3)
-    y = onednn.conv_bn_act(x, weight, bias, (1, 1), (1, 1), None, False)
+    y = _conv(x, weight, bias, (1, 1), (1, 1), None, False)
     assert_matches(y, conv_reference64(x, weight, bias, 1, 1, relu=False), torch.float32)
 
 
@@ -215,9 +221,9 @@ def test_packs_and_primitives_made_under_other_thread_counts_agree():
             x, weight, bias = random_conv_inputs(256, 512, 1, 2, 2, torch.float32, "cpu",
                                                  batch=1, seed=pack_threads)  # fmt: skip
             torch.set_num_threads(pack_threads)
-            onednn.conv_bn_act(x, weight, bias, (2, 2), (0, 0), None, True)  # packs
+            _conv(x, weight, bias, (2, 2), (0, 0), None, True)  # packs
             torch.set_num_threads(run_threads)
-            y = onednn.conv_bn_act(x, weight, bias, (2, 2), (0, 0), None, True)
+            y = _conv(x, weight, bias, (2, 2), (0, 0), None, True)
             assert_matches(y, conv_reference64(x, weight, bias, 2, 0), torch.float32)
     finally:
         torch.set_num_threads(saved)
