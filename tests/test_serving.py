@@ -90,5 +90,27 @@ def test_inception_choices_are_bounded(monkeypatch):
     blocks = [m for m in fast.modules() if isinstance(m, fastcnn.nn.FusedInception)]
     assert len(blocks) == 9
     for block in blocks:
-        chosen = inception._blocks.kept(block.reduce_weight)["block"][1]
+        chosen = inception._blocks.kept(block.reduce_weight)["block"].chosen
         assert len(chosen) == inception.CHOICES_PER_BLOCK
+
+
+@pytest.mark.parametrize("name", ["resnet50", "googlenet"])
+def test_every_batch_size_up_to_32_keeps_packs_within_3x_the_weights(name, monkeypatch):
+    """A server's dynamic batcher sends every batch size: the packs fastcnn keeps for them are
+    shared across batch sizes (one per weight and layout), so serving 1..32 keeps at most 3x
+    the model's fp32 weights (Winograd's transform of a 3x3 kernel is 4x its size; a conv
+    taking the direct kernel at small batches and Winograd at larger ones keeps both). The
+    Inception structure is fixed here: the choice per shape is timed, so nondeterministic."""
+    monkeypatch.setattr(inception, "_choose", lambda run: "merged")
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(**kwargs).eval()  # ImageNet's 1000 classes
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    fast = fastcnn.optimize(model, backend="cpu").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast(torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last))
+        one = fastcnn.cache_info(fast).packs
+        for b in range(1, 33):
+            fast(torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last))
+    every = fastcnn.cache_info(fast).packs
+    assert one <= every <= 3 * weights, (one / weights, every / weights)

@@ -34,8 +34,7 @@ VARIANTS = ("merged", "separate")
 CHOICES_PER_BLOCK = 64
 TRIALS = 3  # timed calls of each variant on the first call at a shape (the fastest counts)
 
-_lock = threading.Lock()  # for the {shape: variant} maps
-# per reduce weight, under "block": (the three 1x1 weights and biases apart, {shape: variant})
+# per reduce weight, under "block": its _Block
 _blocks = WeightCache()
 
 
@@ -49,12 +48,46 @@ def _split(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
     )
 
 
-def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> tuple:
-    """(the split copies, {shape: variant}) of the block whose merged 1x1 weight is rw. They
-    depend on the weight, the bias and the widths: any of them changing in place (or by .data)
-    splits again and forgets the choices."""
+class _Block:
+    """What a block keeps: {shape: variant} chosen, and the split copies of its merged 1x1
+    weight while a chosen shape runs the separate structure (made again when one does; with
+    their packs dropped, as the merged weight's packs are, once no shape runs their structure,
+    so a block keeps one structure's packs where one wins everywhere). It holds no reference to
+    the block's own weights: it dies with them (fastcnn.common.weight_cache)."""
+
+    __slots__ = ("_lock", "_parts", "chosen")
+
+    def __init__(self) -> None:
+        self.chosen: dict[tuple, str] = {}
+        self._parts: tuple | None = None
+        self._lock = threading.Lock()
+
+    def parts(self, rw, rb, widths) -> tuple:
+        parts = self._parts
+        if parts is None:
+            with self._lock:
+                parts = self._parts = self._parts or _split(rw, rb, widths)
+        return parts
+
+    def choose(self, shape: tuple, variant: str, rw) -> None:
+        with self._lock:
+            if len(self.chosen) >= CHOICES_PER_BLOCK:
+                self.chosen.pop(next(iter(self.chosen)), None)  # the oldest shape
+            self.chosen[shape] = variant
+            used, parts = set(self.chosen.values()), self._parts
+            if "separate" not in used:
+                self._parts = None
+        if "separate" not in used and parts is not None:
+            onednn.forget_packs([w for w, _ in parts])
+        if "merged" not in used:
+            onednn.forget_packs([rw])
+
+
+def _block(rw: torch.Tensor, rb: torch.Tensor, widths) -> _Block:
+    """The _Block of the block whose merged 1x1 weight is rw. Its state depends on the weight,
+    the bias and the widths: any of them changing in place (or by .data) starts it anew."""
     sig = (signature(rw), signature(rb), tuple(widths))
-    return _blocks.get(rw, sig, "block", lambda: (_split(rw, rb, widths), {}))
+    return _blocks.get(rw, sig, "block", _Block)
 
 
 def _plan(x, w, b) -> onednn.ConvPlan:
@@ -122,21 +155,19 @@ def winograd_kxk(x, widths, w2, w3) -> bool:
 
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
     """(the four branch outputs of fastcnn.ops.inception through oneDNN, the variant run)."""
-    parts, chosen = _block(rw, rb, widths)
+    block = _block(rw, rb, widths)
     shape = tuple(x.shape)
-    variant = chosen.get(shape)
+    variant = block.chosen.get(shape)
+
+    def run(v):
+        parts = block.parts(rw, rb, widths) if v == "separate" else None
+        return _branches(v, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool)
+
     if variant is None:
-
-        def run(v):
-            return _branches(v, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool)
-
         with _trace.trace():  # the trial calls' pool events are not this call's
             variant = _choose(run)
-        with _lock:
-            if len(chosen) >= CHOICES_PER_BLOCK:
-                chosen.pop(next(iter(chosen)), None)  # the oldest shape
-            chosen[shape] = variant
-    return _branches(variant, x, rw, rb, widths, parts, w2, b2, w3, b3, w4, b4, pool), variant
+        block.choose(shape, variant, rw)
+    return run(variant), variant
 
 
 def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
@@ -162,22 +193,22 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides
     c_ins = {"merged": [c_in, c2r, c3r, c_in], "separate": [c_in, c_in, c2r, c_in, c3r, c_in]}
     packers = {v: [_packer((n, c, h, w), s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
                for v in VARIANTS}  # fmt: skip
-    block = onednn.linked_extension().onednn_inception
+    block_call = onednn.linked_extension().onednn_inception
     shape, output = tuple(x.shape), alloc.Recycled(out_shape, out_strides)
 
     def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
-        parts, chosen = _block(rw, rb, widths)
-        variant = chosen.get(shape)
+        block = _block(rw, rb, widths)
+        variant = block.chosen.get(shape)
         out = output.get(x)  # the last call's output memory where nothing holds it any more
         if variant is not None:
             if variant == "merged":
                 convs = ((rw, rb), (w2, b2), (w3, b3), (w4, b4))
             else:
-                (w1, b1), (w2r, b2r), (w3r, b3r) = parts
+                (w1, b1), (w2r, b2r), (w3r, b3r) = block.parts(rw, rb, widths)
                 convs = ((w1, b1), (w2r, b2r), (w2, b2), (w3r, b3r), (w3, b3), (w4, b4))
             packs = [pack(wt, pack.winograd_now())
                      for pack, (wt, _) in zip(packers[variant], convs, strict=True)]  # fmt: skip
-            if block(x, [p for p, _ in packs], [layout for _, layout in packs],
+            if block_call(x, [p for p, _ in packs], [layout for _, layout in packs],
                      w_sizes[variant], [b for _, b in convs], widths, pool, out):  # fmt: skip
                 return out
         # the first call at this shape (it times the two structures), or a conv without an

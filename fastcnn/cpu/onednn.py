@@ -51,6 +51,11 @@ def cached_pack(weight: torch.Tensor, shape_key: tuple, pack) -> torch.Tensor:
     return _cache.get(weight, signature(weight), shape_key, pack)
 
 
+def forget_packs(weights) -> None:
+    """Drop the packs of these weights (their convs no longer run; packed again if they do)."""
+    _cache.forget(weights)
+
+
 def prepacked(weight: torch.Tensor, padding, stride, input_shape, groups: int = 1) -> torch.Tensor:
     """weight in oneDNN's blocked layout for this input shape (torch's mkldnn path, whose layout
     is opaque: one pack per conv and input shape), packed once per weight version; the last

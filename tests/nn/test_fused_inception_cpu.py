@@ -51,6 +51,32 @@ def test_each_structure_matches_the_reference(variant, monkeypatch):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("winner", inception.VARIANTS)
+def test_only_the_chosen_structures_keep_packs(monkeypatch, winner, onednn_direct):
+    """Choosing times both structures (packing both); the loser's packs (and the split copies
+    of the separate structure) go once no shape runs it, and come back when one does."""
+    fused = _fused()
+    block = lambda: inception._blocks.kept(fused.reduce_weight)["block"]  # noqa: E731
+    choice = [winner]
+    monkeypatch.setattr(inception, "_choose", lambda run: [run(v) for v in inception.VARIANTS]
+                        and choice[0])  # fmt: skip
+    x = random_tensor((1, 19, 7, 9), torch.float32, "cpu", channels_last=True)
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in _args(fused)]
+    expected = reference.inception(x.double(), *args).float()
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        assert fused(x) is not None  # the planned call
+    merged_packs = bool(onednn._cache.kept(fused.reduce_weight))
+    assert merged_packs == (winner == "merged")
+    assert (block()._parts is not None) == (winner == "separate")
+    choice[0] = "separate" if winner == "merged" else "merged"  # another shape, the other one
+    x2 = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True)
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        fused(x2)
+        fused(x)
+    assert onednn._cache.kept(fused.reduce_weight) and block()._parts is not None
+
+
 def test_the_structure_is_chosen_once_per_shape_and_dies_with_the_block():
     fused = _fused()
     calls = []
@@ -71,7 +97,7 @@ def test_the_structure_is_chosen_once_per_shape_and_dies_with_the_block():
         inception._choose = real_choose
     assert len(calls) == 2  # one timing per input shape
     assert t.counts("max_pool2d").total() == 5  # the timing runs' own pools are not recorded
-    chosen = inception._blocks.kept(fused.reduce_weight)["block"][1]
+    chosen = inception._blocks.kept(fused.reduce_weight)["block"].chosen
     assert set(chosen) == {tuple(x1.shape), tuple(x2.shape)}
     assert set(chosen.values()) <= set(inception.VARIANTS)
     key = id(fused.reduce_weight)
