@@ -94,6 +94,11 @@ def test_inception_choices_are_bounded(monkeypatch):
         assert len(chosen) == inception.CHOICES_PER_BLOCK
 
 
+@pytest.mark.skipif(
+    onednn.linked_extension() is None,
+    reason="the 3x bound is the direct oneDNN path's, and this extension was built without the "
+    "oneDNN library (torch's mkldnn path packs per input shape: the next test bounds it)",
+)
 @pytest.mark.parametrize("name", ["resnet50", "googlenet"])
 def test_every_batch_size_up_to_32_keeps_packs_within_3x_the_weights(name, monkeypatch):
     """A server's dynamic batcher sends every batch size: the packs fastcnn keeps for them are
@@ -114,3 +119,21 @@ def test_every_batch_size_up_to_32_keeps_packs_within_3x_the_weights(name, monke
             fast(torch.randn(b, 3, 224, 224).contiguous(memory_format=torch.channels_last))
     every = fastcnn.cache_info(fast).packs
     assert one <= every <= 3 * weights, (one / weights, every / weights)
+
+
+def test_torchs_mkldnn_path_keeps_at_most_its_keys_per_weight(monkeypatch):
+    """Without the oneDNN library (as on a machine without its wheels) convs go through torch's
+    mkldnn ops, whose packed layout is opaque: one pack per input shape, the last
+    KEYS_PER_WEIGHT of them per weight, each the weight in a blocked layout (channel blocks
+    padded, at most one weight's more)."""
+    monkeypatch.setattr(onednn, "_extension_module", [None])
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    fast = fastcnn.optimize(model, backend="cpu").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for b in range(1, 13):
+            fast(torch.randn(b, 3, 48, 48).contiguous(memory_format=torch.channels_last))
+    packs = fastcnn.cache_info(fast).packs
+    bound = (weight_cache.KEYS_PER_WEIGHT + 1) * weights
+    assert weights <= packs <= bound, packs / weights
