@@ -22,6 +22,7 @@ LAYERS = [
     ("fastcnn.models", "fastcnn.report", "fastcnn.cuda_graphs", "fastcnn.optimize",
      "fastcnn.quantize", "fastcnn.caches"),
     ("fastcnn", "fastcnn.bench", "fastcnn.collect_env", "fastcnn.build"),
+    ("fastcnn.ray",),  # builds on the public API only
 ]  # fmt: skip
 
 

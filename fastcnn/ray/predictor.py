@@ -1,0 +1,102 @@
+"""Predictor: a callable class for ray.data.Dataset.map_batches (and fastcnn.ray.serve_app's
+replicas), which builds its model inside the worker from a ModelSpec.
+
+    ds.map_batches(Predictor, fn_constructor_kwargs={"model": "resnet50"},
+                   compute=ray.data.ActorPoolStrategy(size=2), num_cpus=2, batch_size=16)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+from fastcnn.ray.preprocess import to_model_input
+from fastcnn.ray.spec import ModelSpec
+
+
+def _assigned(resource: str) -> float | None:
+    """What Ray gave this worker of `resource`, or None outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_runtime_context().get_assigned_resources().get(resource)
+    except AssertionError:  # Ray's answer in a driver: only a worker has assigned resources
+        return None
+
+
+def worker_threads() -> int:
+    """torch's threads for this worker: the CPUs Ray gave it (Ray sets OMP_NUM_THREADS=1 in a
+    worker started without num_cpus, and torch would then run single-threaded), else the
+    machine's cores."""
+    cpus = _assigned("CPU")
+    if cpus:
+        return max(1, int(cpus))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class Predictor:
+    """Build the model (fastcnn.optimize, or fastcnn.quantize for precision="int8") where this
+    object is made, on the GPU Ray assigned (if any), with torch's threads set to the CPUs Ray
+    assigned, and warm it up; then each call maps a batch:
+
+    batch: {column: images} with images uint8 [N, H, W, 3] (Ray Data's read_images; any size:
+    ImageNet's preprocessing resizes and crops) or float [N, 3, size, size] (preprocessed),
+    plus any other columns, passed through. Returns those columns and "logits" [N, classes],
+    "top_k" [N, k] (class indices, best first) and "top_k_scores" [N, k] (softmax).
+
+    Keyword arguments: a ModelSpec as spec=, or its fields (model, weights, num_classes,
+    precision, calibration, image_size, backend, cuda_graphs), and top_k, column, threads
+    (default: worker_threads()), device ("cpu" or "cuda"; default: "cuda" where Ray assigned
+    a GPU), warmup (batch sizes to run once first, planning and packing for them).
+    """
+
+    def __init__(self, *, spec: ModelSpec | None = None, top_k: int = 5, column: str = "image",
+                 threads: int | None = None, device: str | None = None, warmup=(1,),
+                 **fields) -> None:  # fmt: skip
+        if spec is not None and fields:
+            raise TypeError("fastcnn.ray.Predictor: pass spec= or ModelSpec's fields, not both")
+        self.spec = spec or ModelSpec(**fields)
+        self.top_k, self.column = top_k, column
+        self.threads = threads or worker_threads()
+        torch.set_num_threads(self.threads)
+        gpus = _assigned("GPU")
+        self.device = device or ("cuda" if gpus and torch.cuda.is_available() else "cpu")
+        self.model = self.spec.build(self.device)
+        self.batch_sizes: list[int] = []  # every batch this predictor ran (tests read it)
+        self._lock = threading.Lock()
+        size = self.spec.image_size
+        for n in warmup:
+            self.predict(np.zeros((n, 3, size, size), dtype=np.float32))
+        self.batch_sizes.clear()
+
+    def predict(self, images) -> dict[str, np.ndarray]:
+        """logits, top_k and top_k_scores of a batch of images (see the class docstring)."""
+        x = to_model_input(images, self.spec.image_size)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.inference_mode():  # one forward at a time per model
+            self.batch_sizes.append(len(x))
+            logits = self.model(x).float()
+        k = min(self.top_k, logits.shape[1])
+        scores, top = torch.softmax(logits, 1).topk(k, dim=1)
+        return {
+            "logits": logits.cpu().numpy(),
+            "top_k": top.cpu().numpy(),
+            "top_k_scores": scores.cpu().numpy(),
+        }
+
+    def __call__(self, batch: dict) -> dict:
+        if self.column not in batch:
+            raise KeyError(
+                f"fastcnn.ray.Predictor: no column {self.column!r} in the batch "
+                f"(columns: {sorted(batch)}); pass column="
+            )
+        out = {name: values for name, values in batch.items() if name != self.column}
+        out.update(self.predict(batch[self.column]))
+        return out
