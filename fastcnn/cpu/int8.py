@@ -3,7 +3,8 @@ ops, as Inductor's x86 int8 path runs them (torch.ops.onednn.qconv_pointwise, an
 "sum" variant for the residual, which writes into the residual's buffer).
 
 oneDNN picks its kernel for the CPU at run time: AMX tiles (Sapphire Rapids and later), AVX-512
-VNNI (vpdpbusd, Cascade Lake and later), AVX-VNNI, else AVX2/AVX-512 without VNNI. Without VNNI,
+VNNI (vpdpbusd, Cascade Lake and later), AVX-VNNI, else AVX2/AVX-512 without VNNI, and less
+where ONEDNN_MAX_CPU_ISA caps it (so a tiny conv probes what it runs: isa()). Without VNNI,
 oneDNN multiplies u8 x s8 pairs with vpmaddubsw, whose int16 pair sums saturate (255 * 127 * 2 >
 32767): a model whose weights use the full int8 range would be silently wrong there. So
 `exact_here(weight_max)` says whether this CPU runs a weight range exactly (VNNI/AMX: any;
@@ -14,6 +15,7 @@ fix does), and the op runs the exact reference otherwise.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +37,14 @@ _CL = torch.channels_last
 NO_VNNI_WEIGHT_MAX = 63
 
 
+VNNI_ISAS = ("amx", "avx512_vnni", "avx_vnni")
+
+
 @functools.cache
-def isa() -> str:
-    """The int8 instruction set oneDNN will use here: "amx", "avx512_vnni", "avx_vnni",
-    "avx512" or "avx2" (no VNNI), or "none" (no oneDNN). Read from /proc/cpuinfo (Linux)."""
+def cpu_isa() -> str:
+    """The CPU's best int8 instruction set: "amx", "avx512_vnni", "avx_vnni", "avx512" or
+    "avx2" (no VNNI), or "none" (no oneDNN). Read from /proc/cpuinfo (Linux). oneDNN may run
+    less (isa())."""
     if not torch.backends.mkldnn.is_available():
         return "none"
     try:
@@ -61,8 +67,55 @@ def isa() -> str:
     return "avx2"
 
 
+PROBE_CHANNELS = 64
+
+
+@functools.cache
+@torch.compiler.disable  # run once for real, never traced into a graph
+def pairs_saturate() -> bool:
+    """Does the int8 conv kernel oneDNN runs here saturate u8 x s8 pair sums? The CPU's flags
+    do not say: ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (or a oneDNN that lacks the CPU's ISA)
+    make it run a kernel without VNNI on a CPU with VNNI. Probed once: a 1x1 conv of 255s
+    with 127s over PROBE_CHANNELS channels sums 255 * 127 * 64 exactly with VNNI or AMX, and
+    half of that (32 pair sums saturated at 32767) without."""
+    c = PROBE_CHANNELS
+    x = torch.full((1, c, 1, 1), 255, dtype=torch.uint8).contiguous(memory_format=_CL)
+    w = torch.full((1, c, 1, 1), 127, dtype=torch.int8)
+    ws, zps = torch.ones(1), torch.zeros(1, dtype=torch.long)
+    packed = _onednn.qconv_prepack(w, ws, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, c, 1, 1])
+    y = _qconv(x, 1.0, 0, packed, ws, zps, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+               torch.float32, "none", [], "")  # fmt: skip
+    return y.item() != 255 * 127 * c
+
+
+def _capped_isa() -> str:
+    """The no-VNNI ISA oneDNN runs where the probe saturates on a VNNI CPU: from the cap the
+    environment sets, else from the CPU's vector width."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap:
+        return "avx512" if cap.upper().startswith("AVX512") else "avx2"
+    return "avx512" if cpu_isa() in ("amx", "avx512_vnni") else "avx2"
+
+
+@functools.cache
+def isa() -> str:
+    """The int8 instruction set oneDNN runs here (what the trace shows): the CPU's (cpu_isa),
+    unless the probe finds oneDNN's kernel saturating pair sums (pairs_saturate) on a VNNI CPU:
+    then "avx512" or "avx2", no VNNI."""
+    found = cpu_isa()
+    if found == "none":
+        return found
+    saturates = pairs_saturate()
+    if found in VNNI_ISAS and saturates:
+        return _capped_isa()
+    if found not in VNNI_ISAS and not saturates:
+        return "avx512_vnni" if found == "avx512" else "avx_vnni"  # exact sums: VNNI runs
+    return found
+
+
 def has_vnni() -> bool:
-    return isa() in ("amx", "avx512_vnni", "avx_vnni")
+    """Does oneDNN's int8 kernel here sum u8 x s8 pairs exactly (VNNI or AMX)?"""
+    return isa() in VNNI_ISAS
 
 
 def exact_here(weight_max: int) -> bool:

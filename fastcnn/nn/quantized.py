@@ -194,6 +194,16 @@ class QConvBNAct(_QParamsModule):
         self.register_buffer("weight_scale", torch.ones(out_channels, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, device=device))
 
+    @staticmethod
+    def unsupported(fused) -> str | None:
+        """Why a fastcnn.nn.ConvBNAct cannot become a QConvBNAct, or None."""
+        if fused.groups != 1:
+            kind = "depthwise" if fused.groups == fused.in_channels else "grouped"
+            return f"a {kind} conv (groups={fused.groups}): int8 convs take groups=1 only"
+        if tuple(_pair(fused.dilation)) != (1, 1):
+            return f"a dilated conv (dilation={tuple(_pair(fused.dilation))}): int8 takes 1"
+        return None
+
     @classmethod
     def from_float(
         cls,
@@ -206,8 +216,9 @@ class QConvBNAct(_QParamsModule):
     ) -> QConvBNAct:
         """From a fastcnn.nn.ConvBNAct (BN already folded in fp32): weights quantized
         symmetric per output channel, bias kept in fp32."""
-        if fused.groups != 1 or tuple(_pair(fused.dilation)) != (1, 1):
-            raise ValueError("QConvBNAct: groups=1 and dilation=1 only")
+        why = cls.unsupported(fused)
+        if why is not None:
+            raise ValueError(f"QConvBNAct: {why}")
         module = cls(
             fused.in_channels,
             fused.out_channels,

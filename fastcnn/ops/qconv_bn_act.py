@@ -48,8 +48,9 @@ def _cpu_impl(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, 
 
     if not int8.exact_here(wmax):
         why = (
-            f"this CPU's int8 instructions ({int8.isa()}, no VNNI) can saturate with weights up "
-            f"to {wmax}: quantize with overflow_fix=True for 7-bit weights it runs exactly"
+            f"oneDNN's int8 kernel here ({int8.isa()}, no VNNI: probed, so ONEDNN_MAX_CPU_ISA "
+            f"counts) can saturate with weights up to {wmax}: quantize with overflow_fix=True "
+            "for 7-bit weights it runs exactly"
         )
         _backend.note_once((_OP, "cpu-saturation"), f"fastcnn.ops.{_OP}: {why}; the reference runs")
         _trace.record(_OP, "cpu", "reference", why)

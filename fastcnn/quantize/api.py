@@ -67,8 +67,9 @@ def _weight_max(overflow_fix) -> int:
 
 
 def _choose_convs(gm, opts: _Options, report: Report) -> set[fx.Node]:
-    """The ConvBNAct nodes to run in int8 before verify: all but the stem (float_stem) and the
-    keep_float paths, with the reason for each one kept."""
+    """The ConvBNAct nodes to run in int8 before verify: all but the stem (float_stem), the
+    keep_float paths and what QConvBNAct cannot run (grouped, depthwise, dilated), with the
+    reason for each one kept."""
     convs = [n for n in gm.graph.nodes if qgraph.is_conv(gm, n)]
     chosen = set()
     for i, node in enumerate(convs):
@@ -76,6 +77,8 @@ def _choose_convs(gm, opts: _Options, report: Report) -> set[fx.Node]:
             why = "float_stem=True: the stem conv stays fp32"
         elif node.target in opts.keep_float:
             why = "keep_float: stays fp32 as asked"
+        elif (unsupported := QConvBNAct.unsupported(gm.get_submodule(node.target))) is not None:
+            why = f"stays fp32: {unsupported}"
         else:
             chosen.add(node)
             continue

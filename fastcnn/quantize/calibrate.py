@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,16 @@ def calibrate(gm: fx.GraphModule, batches: list, kind: str, percentile: float) -
         observers[node].observe_range(value)
 
     run_observing(gm, batches, first_pass)
+    bad = {node.name: o.nonfinite for node, o in observers.items() if o.nonfinite}
+    if bad:
+        where = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:5])
+        warnings.warn(
+            f"fastcnn.quantize: {sum(bad.values())} non-finite values (NaN/Inf) in the "
+            f"calibration activations of {len(bad)} tensors, e.g. {where}: ignored, their "
+            "ranges come from the finite values; check the calibration data",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if kind != "minmax":
         run_observing(gm, batches, lambda node, value: observers[node].observe_histogram(value))
     return observers

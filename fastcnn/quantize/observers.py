@@ -31,6 +31,15 @@ def qparams_for_range(lo: float, hi: float) -> QParams:
     return QParams(scale, zero_point)
 
 
+def _finite(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t's finite values, how many were not): t itself when all are (one reduction)."""
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return t, 0
+    kept = t[finite]
+    return kept, t.numel() - kept.numel()
+
+
 class Observer:
     """Range statistics of one tensor over the calibration batches."""
 
@@ -42,6 +51,7 @@ class Observer:
         self.kind, self.percentile = kind, percentile
         self.lo, self.hi = float("inf"), float("-inf")
         self.count = 0
+        self.nonfinite = 0  # NaN and +-Inf values seen in pass 1: ignored, and warned of
         self.pos = np.zeros(BINS)
         self.neg = np.zeros(BINS)
 
@@ -50,14 +60,18 @@ class Observer:
         return self.kind != "minmax"
 
     def observe_range(self, t: torch.Tensor) -> None:
-        """Pass 1: min and max."""
+        """Pass 1: min and max of the finite values (a NaN or Inf would make the range
+        meaningless: counted in `nonfinite` instead)."""
+        t, dropped = _finite(t.detach().float())
+        self.nonfinite += dropped
         if t.numel():
-            lo, hi = torch.aminmax(t.detach().float())
+            lo, hi = torch.aminmax(t)
             self.lo, self.hi = min(self.lo, lo.item()), max(self.hi, hi.item())
 
     def observe_histogram(self, t: torch.Tensor) -> None:
-        """Pass 2: histograms over [0, max] and [0, -min] (ranges fixed by pass 1)."""
-        t = t.detach().float().flatten()
+        """Pass 2: histograms of the finite values over [0, max] and [0, -min] (ranges fixed
+        by pass 1)."""
+        t, _ = _finite(t.detach().float().flatten())
         self.count += t.numel()
         if self.hi > 0:
             self.pos += torch.histc(t[t > 0], BINS, 0, self.hi).cpu().double().numpy()

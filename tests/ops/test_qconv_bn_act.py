@@ -3,6 +3,10 @@ on every backend: odd shapes, strides, padding, residual, out= channel slices, i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from fastcnn_testing import NO_GPU_REASON, op_backend_params, requires_cuda, skip_unsupported
@@ -159,6 +163,49 @@ def test_cpu_without_vnni_runs_the_reference_for_8_bit_weights(monkeypatch):
     with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
         fastcnn.ops.qconv_bn_act(x, 0.05, 0, small, ws, bias, 1, 1, out_scale=0.1, weight_max=63)
     assert next(iter(t.kernels("qconv_bn_act"))).startswith("cpu:onednn_int8")
+
+
+_CAPPED = """
+import torch, fastcnn
+from fastcnn import reference
+from fastcnn.cpu import int8
+x = torch.full((1, 64, 5, 5), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+w = torch.full((3, 64, 1, 1), 127, dtype=torch.int8)
+ws = torch.full((3,), 1.0 / (255 * 127 * 64 / 200))  # the exact sum maps to 200
+expected = reference.qconv_bn_act(x, 1.0, 0, w, ws, None, 1, 0, out_scale=1.0)
+with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+    y = fastcnn.ops.qconv_bn_act(x, 1.0, 0, w, ws, None, 1, 0, out_scale=1.0)
+print(int8.cpu_isa(), int8.isa(), int(expected.max()), int(y.max()), bool(torch.equal(y, expected)),
+      sorted(t.kernels("qconv_bn_act")))
+"""
+
+
+@pytest.mark.parametrize("cap", ["", "AVX2", "AVX512_CORE"])
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_an_isa_cap_on_onednn_is_probed_not_read_from_cpuinfo(cap, variable):
+    """ONEDNN_MAX_CPU_ISA (or DNNL_) makes oneDNN run kernels without VNNI on a VNNI CPU, whose
+    u8 x s8 pair sums saturate: 127-range weights must then run the exact reference, and the
+    trace must name the ISA oneDNN runs, not the CPU's."""
+    from fastcnn.cpu import int8
+
+    if int8.isa() == "none":
+        pytest.skip("no oneDNN in this torch build")
+    if cap and int8.cpu_isa() not in int8.VNNI_ISAS:
+        pytest.skip(f"this CPU has no VNNI ({int8.cpu_isa()}): a cap changes nothing")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+    }
+    if cap:
+        env[variable] = cap
+    out = subprocess.run([sys.executable, "-c", _CAPPED], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()  # fmt: skip
+    cpu, runs, expected, got, equal, kernels = out[0], out[1], out[2], out[3], out[4], out[5:]
+    assert expected == "200" and equal == "True", (expected, got)
+    if cap:
+        assert runs == ("avx2" if cap == "AVX2" else "avx512"), (cpu, runs)
+        assert "['cpu:reference']" in " ".join(kernels), kernels
+    else:
+        assert runs == cpu and f"'cpu:onednn_int8({runs})']" in " ".join(kernels), kernels
 
 
 @requires_cuda

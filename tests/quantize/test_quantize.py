@@ -212,3 +212,58 @@ def test_overflow_fix_gives_7_bit_weights():
     q = fastcnn.quantize(model, [torch.randn(2, 3, 8, 8)], overflow_fix=True)
     conv = next(m for m in q.modules() if isinstance(m, QConvBNAct))
     assert conv.weight_max == 63 and conv.weight.abs().max().item() == 63
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_calibration_values_are_ignored_and_warned_of(observer, bad):
+    """One NaN or Inf activation used to give minmax scale 1.0 / zero point 0 silently, and
+    percentile and entropy a torch.histc error: now the ranges come from the finite values
+    and a warning names the tensors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    clean = _batches(3, 12, seed=1)
+    dirty = [b.clone() for b in clean]
+    dirty[1][0, 1, 2, 3] = bad
+    # the reference: the same batches with the bad value replaced by one already in range
+    replaced = [b.clone() for b in clean]
+    replaced[1][0, 1, 2, 3] = replaced[1][0, 1, 2, 4]
+    expected = fastcnn.quantize(model, replaced, observer=observer)
+    with pytest.warns(RuntimeWarning, match=r"non-finite values \(NaN/Inf\) .* input"):
+        got = fastcnn.quantize(model, dirty, observer=observer)
+    x = _batches(1, 12, seed=2)[0]
+    with torch.no_grad():
+        y, reference = got(x), expected(x)
+    # the bad value also spreads into the conv's outputs of that batch, which are ignored too:
+    # the ranges are those of slightly fewer values, a few quantization steps at most
+    scale = reference.abs().max().item()
+    assert torch.isfinite(y).all() and (y - reference).abs().max().item() <= 0.05 * scale
+
+
+GROUPED_MODELS = {  # with grouped or depthwise convs: SQNR bound, dB (measured 38-42 here)
+    "mobilenet_v2": 30.0,
+    "efficientnet_b0": 30.0,
+    "regnet_y_400mf": 30.0,
+    "resnext50_32x4d": 30.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED_MODELS))
+def test_models_with_grouped_convs_quantize_the_rest(name):
+    """quantize used to raise on any grouped or depthwise conv ("groups=1 and dilation=1
+    only"); such convs now stay fp32 with the reason in the report, the others run int8."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    model = randomize_batchnorm(model, seed=1).eval()
+    batches = _batches(3, 64, seed=3)
+    q = fastcnn.quantize(model, batches)
+    entries = fastcnn.report(q).entries
+    grouped = [e for e in entries if "int8 convs take groups=1 only" in e.reason]
+    assert grouped and all(e.action == "kept" for e in grouped)
+    assert any(isinstance(m, QConvBNAct) for m in q.modules())
+    x = _batches(1, 64, seed=4)[0]
+    with torch.no_grad():
+        reference, y = model(x), q(_cl(x))
+    sqnr = sqnr_db(y.float(), reference)
+    assert sqnr >= GROUPED_MODELS[name], f"{name}: SQNR {sqnr:.1f} dB"
+    print(f"{name}: {len(grouped)} grouped convs kept fp32, SQNR {sqnr:.1f} dB")
