@@ -63,6 +63,16 @@ def test_spec_refuses_what_it_cannot_build():
         ModelSpec(model="no_such_net").build()
     with pytest.raises(TypeError, match="factory"):
         ModelSpec(model=3)
+    with pytest.raises(ValueError, match="fp32 only"):
+        ModelSpec(optimize=False, precision="int8")
+
+
+def test_the_plain_baseline_is_torchs_own_model(spec, images):
+    plain = replace(spec, optimize=False).build()
+    assert not any(type(m).__module__.startswith("fastcnn") for m in plain.modules())
+    got = Predictor(spec=replace(spec, optimize=False)).predict(images[:3])["logits"]
+    expected = Predictor(spec=spec).predict(images[:3])["logits"]
+    assert_logits_close(torch.from_numpy(got), torch.from_numpy(expected), torch.float32)
 
 
 def test_threads_outside_ray_are_the_machines_cores():
