@@ -23,7 +23,9 @@ class ModelSpec:
     torchvision's random weights). precision: "fp32" (fastcnn.optimize) or "int8"
     (fastcnn.quantize, calibrated on `calibration`: a .npy file of images, uint8 [N, H, W, 3]
     or float [N, 3, H, W], else `calibration_batches` random batches). backend: pin one
-    (None: auto). cuda_graphs: on a GPU, replay each batch size from a CUDA graph."""
+    (None: auto). cuda_graphs: on a GPU, replay each batch size from a CUDA graph.
+    optimize=False: the plain PyTorch model in channels_last (the baseline fastcnn is
+    measured against; fp32 only)."""
 
     model: str | Callable[[], nn.Module] = "resnet50"
     weights: str | None = None
@@ -34,10 +36,13 @@ class ModelSpec:
     image_size: int = 224
     backend: str | None = None
     cuda_graphs: bool = False
+    optimize: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"ModelSpec: precision must be one of {PRECISIONS}")
+        if not self.optimize and self.precision != "fp32":
+            raise ValueError("ModelSpec: optimize=False (plain PyTorch) runs fp32 only")
         if not isinstance(self.model, str) and not callable(self.model):
             raise TypeError(
                 f"ModelSpec: model must be a torchvision name or a factory, got {self.model!r}"
@@ -69,6 +74,8 @@ class ModelSpec:
         import fastcnn
 
         model = self.plain_model().to(device)
+        if not self.optimize:
+            return model.to(memory_format=torch.channels_last)
         if self.precision == "int8":
             batches = [torch.from_numpy(b) for b in self._calibration()]
             fast = fastcnn.quantize(model, [b.to(device) for b in batches], backend=self.backend)
