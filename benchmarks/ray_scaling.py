@@ -51,11 +51,14 @@ class TimedPredictor(Predictor):
         out = super().__call__(batch)
         n = len(out["logits"])
         out["t_start"], out["t_end"] = np.full(n, start), np.full(n, time.time())
+        out["pid"] = np.full(n, os.getpid())
         return out
 
 
 def data_row(ray, spec, actors, threads, images, batch) -> dict:
-    ds = ray.data.from_numpy(images).map_batches(
+    # one block a batch: an actor takes whole blocks, so one block would keep one actor busy
+    blocks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    ds = ray.data.from_numpy(blocks).map_batches(
         TimedPredictor,
         fn_constructor_kwargs={
             "spec": spec,
@@ -69,13 +72,20 @@ def data_row(ray, spec, actors, threads, images, batch) -> dict:
         batch_format="numpy",
     )
     start = time.perf_counter()
-    rows = ds.select_columns(["t_start", "t_end"]).take_all()
+    rows = ds.select_columns(["t_start", "t_end", "pid"]).take_all()
     wall = time.perf_counter() - start
     if len(rows) != len(images):
         raise RuntimeError(f"{len(rows)} rows came back of {len(images)}")
-    window = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
+    t0 = min(r["t_start"] for r in rows)
+    spans = {}  # actor pid -> [first start, last end, rows], seconds from the first start
+    for r in rows:
+        span = spans.setdefault(int(r["pid"]), [float("inf"), 0.0, 0])
+        span[0], span[1] = min(span[0], r["t_start"] - t0), max(span[1], r["t_end"] - t0)
+        span[2] += 1
+    window = max(span[1] for span in spans.values())
     return {"images": len(images), "batch": batch, "actors": actors, "threads": threads,
-            "images_per_s": len(images) / window, "wall_s": wall}  # fmt: skip
+            "images_per_s": len(images) / window, "wall_s": wall,
+            "actor_spans": sorted(spans.values())}  # fmt: skip
 
 
 def _free_port() -> int:
