@@ -151,9 +151,9 @@ def serve_rows(ray, spec, cpus, max_batch, concurrency, requests, seconds) -> li
     _load(url, body, max(concurrency), max(concurrency), seconds)  # warm-up, untimed
     rows = []
     for clients in concurrency:
-        before = len(handle.batch_sizes.remote().result())
+        before = len(handle.batch_sizes.remote().result(timeout_s=60))
         latencies, elapsed = _load(url, body, clients, max(requests, 4 * clients), seconds)
-        sizes = handle.batch_sizes.remote().result()[before:]
+        sizes = handle.batch_sizes.remote().result(timeout_s=60)[before:]
         rows.append({"max_batch": max_batch, "clients": clients, "requests": len(latencies),
                      "requests_per_s": len(latencies) / elapsed,
                      "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
@@ -177,7 +177,7 @@ def cold_start_row(ray, spec, cpus, build_dir: str | None) -> dict:
 
     start = time.time()
     probe = Probe.remote()
-    ready = ray.get(probe.ready.remote())
+    ready = ray.get(probe.ready.remote(), timeout=900)  # a compile takes minutes, not hours
     ray.kill(probe)
     return {"extension": "compiled in the worker" if build_dir else "already built",
             "cpus": cpus, "ready_s": ready - start}  # fmt: skip

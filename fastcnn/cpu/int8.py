@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastcnn import _extension, _trace
+from fastcnn import _backend, _extension, _trace
 from fastcnn.common import alloc
 from fastcnn.common.dispatch import can_skip_dispatcher
 from fastcnn.common.weight_cache import WeightCache
@@ -43,8 +43,8 @@ VNNI_ISAS = ("amx", "avx512_vnni", "avx_vnni")
 @functools.cache
 def cpu_isa() -> str:
     """The CPU's best int8 instruction set: "amx", "avx512_vnni", "avx_vnni", "avx512" or
-    "avx2" (no VNNI), or "none" (no oneDNN). Read from /proc/cpuinfo (Linux). oneDNN may run
-    less (isa())."""
+    "avx2" (no VNNI), "unknown" (no CPU flags to read), or "none" (no oneDNN). Read from
+    /proc/cpuinfo (Linux). oneDNN may run less (isa())."""
     if not torch.backends.mkldnn.is_available():
         return "none"
     try:
@@ -56,6 +56,8 @@ def cpu_isa() -> str:
         if line.startswith("flags"):
             flags = set(line.partition(":")[2].split())
             break
+    if not flags:  # not Linux on x86: what oneDNN runs is the probe's to say (has_vnni)
+        return "unknown"
     for flag, name in (
         ("amx_int8", "amx"),
         ("avx512_vnni", "avx512_vnni"),
@@ -88,34 +90,42 @@ def pairs_saturate() -> bool:
     return y.item() != 255 * 127 * c
 
 
+@functools.cache
+def _probe_failure() -> str | None:
+    """Why oneDNN's int8 conv cannot run here (the probe raised), or None."""
+    try:
+        pairs_saturate()
+    except RuntimeError as exc:
+        return f"oneDNN's int8 conv failed a 1x1 probe ({exc})"
+    return None
+
+
 def _capped_isa() -> str:
-    """The no-VNNI ISA oneDNN runs where the probe saturates on a VNNI CPU: from the cap the
-    environment sets, else from the CPU's vector width."""
+    """The ISA oneDNN runs where the probe saturates on a VNNI CPU: the cap the environment
+    sets (lower case, as oneDNN names it: "avx2", "avx512_core", ...), else "no_vnni"."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    if cap:
-        return "avx512" if cap.upper().startswith("AVX512") else "avx2"
-    return "avx512" if cpu_isa() in ("amx", "avx512_vnni") else "avx2"
+    return cap.lower() if cap else "no_vnni"
 
 
 @functools.cache
 def isa() -> str:
     """The int8 instruction set oneDNN runs here (what the trace shows): the CPU's (cpu_isa),
-    unless the probe finds oneDNN's kernel saturating pair sums (pairs_saturate) on a VNNI CPU:
-    then "avx512" or "avx2", no VNNI."""
+    except "none" where the probe cannot run (a note says why) and the cap's name where the
+    probe finds a VNNI CPU's pair sums saturating (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA)."""
     found = cpu_isa()
     if found == "none":
         return found
-    saturates = pairs_saturate()
-    if found in VNNI_ISAS and saturates:
-        return _capped_isa()
-    if found not in VNNI_ISAS and not saturates:
-        return "avx512_vnni" if found == "avx512" else "avx_vnni"  # exact sums: VNNI runs
-    return found
+    failure = _probe_failure()
+    if failure is not None:
+        _backend.note_once(("int8", "probe"), f"fastcnn: {failure}; int8 convs run the reference")
+        return "none"
+    return _capped_isa() if found in VNNI_ISAS and pairs_saturate() else found
 
 
 def has_vnni() -> bool:
-    """Does oneDNN's int8 kernel here sum u8 x s8 pairs exactly (VNNI or AMX)?"""
-    return isa() in VNNI_ISAS
+    """Does oneDNN's int8 kernel here sum u8 x s8 pairs exactly (VNNI or AMX)? Probed: a CPU
+    whose flags say VNNI but whose oneDNN runs without it answers False."""
+    return isa() != "none" and not pairs_saturate()
 
 
 def exact_here(weight_max: int) -> bool:

@@ -46,9 +46,10 @@ def calibrate(gm: fx.GraphModule, batches: list, kind: str, percentile: float) -
         warnings.warn(
             f"fastcnn.quantize: {sum(bad.values())} non-finite values (NaN/Inf) in the "
             f"calibration activations of {len(bad)} tensors, e.g. {where}: ignored, their "
-            "ranges come from the finite values; check the calibration data",
+            "ranges come from the finite values (a tensor with none gets scale 1); check the "
+            "calibration data",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of fastcnn.quantize
         )
     if kind != "minmax":
         run_observing(gm, batches, lambda node, value: observers[node].observe_histogram(value))

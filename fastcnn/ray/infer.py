@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcnn.ray.predictor import Predictor
-from fastcnn.ray.preprocess import BadInput, decode_image, to_model_input
+from fastcnn.ray.preprocess import BadInput, decode_image, decode_npy, one_image
 from fastcnn.ray.spec import PRECISIONS, ModelSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -40,23 +40,19 @@ def input_files(folder: Path) -> list[Path]:
 
 def load(path: str, size: int) -> np.ndarray:
     """One file as float [3, size, size], preprocessed (BadInput names what is wrong). A .npy
-    holds one image: uint8 [H, W, 3] or float [3, H, W]."""
-    if path.lower().endswith(".npy"):
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BadInput(f"not a .npy array ({exc})") from exc
-    else:
-        array = decode_image(Path(path).read_bytes())
-    x = to_model_input(array, size).numpy()
-    if x.shape != (1, 3, size, size):
-        raise BadInput(f"one image a file, got shape {tuple(array.shape)}")
-    return x[0]
+    holds one image: uint8 [H, W, 3] or float [3, size, size]."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read the file ({exc})") from exc
+    array = decode_npy(data) if path.lower().endswith(".npy") else decode_image(data)
+    return one_image(array, size)[0]
 
 
 def load_batch(batch: dict, size: int) -> dict:
-    """{"path": [...]} -> also "image" float [N, 3, size, size] and "error" (a file that cannot
-    be read gets its reason there and a zero image, whose prediction is dropped)."""
+    """{"path": [...], other columns} -> also "image" float [N, 3, size, size] and "error" (a
+    file that cannot be read gets its reason there and a zero image, whose prediction is
+    dropped)."""
     paths = [str(p) for p in batch["path"]]
     images = np.zeros((len(paths), 3, size, size), dtype=np.float32)
     errors = []
@@ -66,7 +62,8 @@ def load_batch(batch: dict, size: int) -> dict:
             errors.append("")
         except BadInput as exc:
             errors.append(str(exc))
-    return {"path": np.array(paths), "image": images, "error": np.array(errors)}
+    others = {name: values for name, values in batch.items() if name != "path"}
+    return {**others, "path": np.array(paths), "image": images, "error": np.array(errors)}
 
 
 def rows(batch: dict) -> list[dict]:
@@ -117,7 +114,8 @@ def run_on_ray(files, spec, batch_size, top_k, address, actors, cpus_per_actor) 
     elif started:
         ray.init(address=address)
     try:
-        ds = ray.data.from_items([{"path": str(p)} for p in files])
+        # "index": the order of `files`, restored at the end (Ray Data may reorder blocks)
+        ds = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(files)])
         ds = ds.map_batches(load_batch, fn_kwargs={"size": spec.image_size},
                             batch_size=batch_size, batch_format="numpy")  # fmt: skip
         ds = ds.map_batches(
@@ -129,11 +127,10 @@ def run_on_ray(files, spec, batch_size, top_k, address, actors, cpus_per_actor) 
             batch_format="numpy",
         )
         found = []
-        for batch in ds.select_columns(["path", "top_k", "top_k_scores", "error"]).iter_batches(
-            batch_format="numpy"
-        ):
-            found += rows(batch)
-        return sorted(found, key=lambda row: row["path"])
+        columns = ["index", "path", "top_k", "top_k_scores", "error"]
+        for batch in ds.select_columns(columns).iter_batches(batch_format="numpy"):
+            found += zip(batch["index"].tolist(), rows(batch), strict=True)
+        return [row for _, row in sorted(found, key=lambda pair: pair[0])]
     finally:
         if started:
             ray.shutdown()
@@ -175,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=1, help="--ray: Predictor actors")
     p.add_argument("--cpus-per-actor", type=float, default=1, help="--ray: each one's threads")
     args = p.parse_args(argv)
-    for name in ("batch_size", "top_k", "actors", "image_size"):
+    for name in ("batch_size", "top_k", "actors", "image_size", "cpus_per_actor"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.out.suffix not in (".csv", ".parquet"):

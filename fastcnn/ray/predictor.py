@@ -7,14 +7,18 @@ replicas), which builds its model inside the worker from a ModelSpec.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
 
 from fastcnn.ray.preprocess import to_model_input
 from fastcnn.ray.spec import ModelSpec
+
+BATCH_HISTORY = 4096
 
 
 def _assigned(resource: str) -> float | None:
@@ -31,13 +35,31 @@ def _assigned(resource: str) -> float | None:
         return None
 
 
+def _ray_worker_mode() -> bool:
+    """Is this process a Ray worker (not a driver, not outside Ray)?"""
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def worker_threads() -> int:
     """torch's threads for this worker: the CPUs Ray gave it (Ray sets OMP_NUM_THREADS=1 in a
-    worker started without num_cpus, and torch would then run single-threaded), else the
-    machine's cores."""
+    worker started without num_cpus, and torch would then run single-threaded); a Ray worker
+    given no CPUs gets 1 (a warning says to pass num_cpus: every core in each such actor
+    would oversubscribe the machine); outside Ray, the machine's cores."""
     cpus = _assigned("CPU")
     if cpus:
         return max(1, int(cpus))
+    if _ray_worker_mode():
+        warnings.warn(
+            "fastcnn.ray: this Ray worker was given no CPUs (num_cpus): torch runs 1 thread; "
+            "pass num_cpus to map_batches / ray_actor_options for more",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
@@ -67,9 +89,18 @@ class Predictor:
         self.threads = threads or worker_threads()
         torch.set_num_threads(self.threads)
         gpus = _assigned("GPU")
+        if device is None and gpus and not torch.cuda.is_available():
+            warnings.warn(
+                f"fastcnn.ray.Predictor: Ray assigned {gpus} GPU(s) but torch sees no CUDA "
+                "device: the model runs on the CPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.device = device or ("cuda" if gpus and torch.cuda.is_available() else "cpu")
         self.model = self.spec.build(self.device)
-        self.batch_sizes: list[int] = []  # every batch this predictor ran (tests read it)
+        # the sizes of the last BATCH_HISTORY batches this predictor ran (tests and the
+        # benchmark read them; bounded, as a replica may serve for months)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=BATCH_HISTORY)
         self._lock = threading.Lock()
         size = self.spec.image_size
         for n in warmup:
@@ -83,6 +114,11 @@ class Predictor:
         with self._lock, torch.inference_mode():  # one forward at a time per model
             self.batch_sizes.append(len(x))
             logits = self.model(x).float()
+        if len(logits) != len(x):
+            raise RuntimeError(
+                f"fastcnn.ray.Predictor: the model returned {len(logits)} rows for {len(x)} "
+                "inputs (a model must answer one row per image)"
+            )
         k = min(self.top_k, logits.shape[1])
         scores, top = torch.softmax(logits, 1).topk(k, dim=1)
         return {
@@ -98,5 +134,13 @@ class Predictor:
                 f"(columns: {sorted(batch)}); pass column="
             )
         out = {name: values for name, values in batch.items() if name != self.column}
-        out.update(self.predict(batch[self.column]))
+        predicted = self.predict(batch[self.column])
+        rows = len(predicted["logits"])
+        if any(len(values) != rows for values in out.values()):
+            raise ValueError(
+                f"fastcnn.ray.Predictor: column {self.column!r} holds {rows} inputs but the "
+                f"other columns {len(next(iter(out.values())))} rows (a batch of grayscale "
+                "images must be [N, H, W], one image per row)"
+            )
+        out.update(predicted)
         return out

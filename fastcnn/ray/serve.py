@@ -10,30 +10,19 @@ Handle: `await handle.predict.remote(array)` -> {"logits", "top_k", "top_k_score
 
 from __future__ import annotations
 
-import io
-import json
-
 import numpy as np
 from ray import serve
 
 from fastcnn.ray.predictor import Predictor
-from fastcnn.ray.preprocess import BadInput, decode_image, to_model_input
+from fastcnn.ray.preprocess import BadInput, decode_image, decode_json, decode_npy, one_image
 
 
 def _array(body: bytes, content_type: str) -> np.ndarray:
     """One request's image or model input as an array (BadInput names what is wrong)."""
     if content_type.startswith("application/json"):
-        try:
-            request = json.loads(body)
-            dtype = np.uint8 if request.get("dtype") == "uint8" else np.float32
-            return np.asarray(request["array"], dtype=dtype)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BadInput(f'JSON must be {{"array": [...]}} of numbers ({exc})') from exc
+        return decode_json(body)
     if content_type.startswith("application/x-npy"):
-        try:
-            return np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise BadInput(f"not a .npy array ({exc})") from exc
+        return decode_npy(body)
     return decode_image(body)
 
 
@@ -54,14 +43,7 @@ class FastCNNDeployment:
     async def predict(self, array) -> dict:
         """One input (an image, or one preprocessed float [3, size, size]); the answer of its
         batch's forward. Checked and preprocessed alone, so a bad one fails by itself."""
-        size = self.predictor.spec.image_size
-        x = to_model_input(array, size).numpy()
-        if x.shape != (1, 3, size, size):
-            raise BadInput(
-                f"one image per request: uint8 [H, W, 3] or float [3, {size}, {size}], got "
-                f"shape {tuple(np.shape(array))}"
-            )
-        return await self.predict_batch(x)
+        return await self.predict_batch(one_image(array, self.predictor.spec.image_size))
 
     def batch_sizes(self) -> list[int]:
         """Every batch this replica's model ran (tests read it)."""

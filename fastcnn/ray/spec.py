@@ -5,6 +5,7 @@ state and packed weights that must be made where they run)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"ModelSpec: precision must be one of {PRECISIONS}")
-        if not self.optimize and self.precision != "fp32":
-            raise ValueError("ModelSpec: optimize=False (plain PyTorch) runs fp32 only")
+        if not self.optimize and (self.precision != "fp32" or self.backend or self.cuda_graphs):
+            raise ValueError(
+                "ModelSpec: optimize=False (plain PyTorch) runs fp32 only, without a fastcnn "
+                "backend or CUDA graphs"
+            )
         if not isinstance(self.model, str) and not callable(self.model):
             raise TypeError(
                 f"ModelSpec: model must be a torchvision name or a factory, got {self.model!r}"
@@ -84,6 +88,9 @@ class ModelSpec:
         fast = fast.to(memory_format=torch.channels_last)
         if self.cuda_graphs and device.startswith("cuda"):
             fast = fastcnn.cuda_graphs(fast)
+        elif self.cuda_graphs:
+            warnings.warn(f"ModelSpec: cuda_graphs=True on {device}: CUDA graphs need a GPU, "
+                          "the model runs without them", RuntimeWarning, stacklevel=2)  # fmt: skip
         return fast
 
     def _calibration(self) -> list[np.ndarray]:

@@ -50,9 +50,22 @@ def start_local_ray(**kwargs) -> None:
     import ray
 
     ray.shutdown()
-    with within(120, "starting a local Ray instance"):
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, **kwargs)  # fmt: skip
+    try:
+        with within(120, "starting a local Ray instance"):
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, **kwargs)  # fmt: skip
+    except BaseException:
+        ray.shutdown()  # whatever half started
+        raise
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A Predictor sets torch's threads for its process (as a worker should); in this test
+    process the count is put back after each test, or every later test would run with it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +86,11 @@ def images() -> np.ndarray:
 @pytest.fixture(scope="session")
 def reference(spec, images) -> np.ndarray:
     """The single-process model's logits of every row."""
-    return Predictor(spec=spec, threads=1).predict(images)["logits"]
+    threads = torch.get_num_threads()
+    try:
+        return Predictor(spec=spec, threads=1).predict(images)["logits"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_rows_match(ids, logits, reference) -> None:

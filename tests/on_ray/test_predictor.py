@@ -12,7 +12,7 @@ from conftest import SIZE, assert_predictions, infer_model_args, write_input_fol
 from fastcnn_testing import HAS_CUDA, NO_GPU_REASON, assert_logits_close
 
 from fastcnn.ray import ModelSpec, Predictor, infer, worker_threads
-from fastcnn.ray.preprocess import BadInput, to_model_input
+from fastcnn.ray.preprocess import BadInput, decode_json, one_image, to_model_input
 
 
 def test_predictor_maps_a_batch_like_the_optimized_model(spec, images):
@@ -25,7 +25,7 @@ def test_predictor_maps_a_batch_like_the_optimized_model(spec, images):
     assert out["top_k"].shape == (5, 3)
     assert (out["top_k"] == expected.topk(3, dim=1).indices.numpy()).all()
     assert np.allclose(out["top_k_scores"].sum(1) <= 1 + 1e-6, True)
-    assert predictor.batch_sizes == [5]
+    assert list(predictor.batch_sizes) == [5]
 
 
 def test_uint8_images_get_imagenets_preprocessing():
@@ -56,6 +56,46 @@ def test_bad_inputs_are_refused_by_name(bad, words):
         to_model_input(bad, SIZE)
 
 
+def test_grayscale_batches_and_extreme_images():
+    gray = np.random.default_rng(5).integers(0, 256, (4, 40, 50), dtype=np.uint8)
+    x = to_model_input(gray, SIZE)
+    assert x.shape == (4, 3, SIZE, SIZE)  # [N, H, W]: N grayscale images, not one image
+    assert torch.equal(x[1], to_model_input(gray[1], SIZE)[0])
+    with pytest.raises(BadInput, match="aspect ratio"):  # would resize to gigabytes
+        to_model_input(np.zeros((1, 3000, 3), np.uint8), SIZE)
+    with pytest.raises(BadInput, match="one image each"):
+        one_image(gray, SIZE)
+    with pytest.raises(BadInput, match="NaN or Inf"):
+        one_image(np.full((3, SIZE, SIZE), np.inf, np.float32), SIZE)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"array": [[[300]]], "dtype": "uint8"}', "0 to 255"),
+        (b'{"array": [[[-1]]], "dtype": "uint8"}', "0 to 255"),
+        (b'{"array": [[[1]]], "dtype": "int8"}', '"dtype" must be'),
+        (b'{"array": [[[NaN]]]}', "NaN or Inf"),
+        (b'{"array": [[[1e400]]]}', "NaN or Inf"),
+        (b"[" * 100000 + b"]" * 100000, "JSON must be"),
+        (b'{"array": "abc"}', "JSON must be"),
+    ],
+)
+def test_json_requests_are_checked(body, words):
+    with pytest.raises(BadInput, match=words.replace('"', '"')):
+        decode_json(body)
+
+
+def test_json_uint8_and_float_arrays_decode():
+    assert decode_json(b'{"array": [[1, 2]], "dtype": "uint8"}').dtype == np.uint8
+    assert decode_json(b'{"array": [[0.5]]}').tolist() == [[0.5]]
+
+
+def test_an_unreadable_file_is_an_error_row(tmp_path):
+    batch = infer.load_batch({"path": [str(tmp_path / "gone.png")], "id": [7]}, SIZE)
+    assert "cannot read" in batch["error"][0] and batch["id"] == [7]
+
+
 def test_spec_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="precision"):
         ModelSpec(precision="int4")
@@ -65,6 +105,13 @@ def test_spec_refuses_what_it_cannot_build():
         ModelSpec(model=3)
     with pytest.raises(ValueError, match="fp32 only"):
         ModelSpec(optimize=False, precision="int8")
+    with pytest.raises(ValueError, match="without a fastcnn backend"):
+        ModelSpec(optimize=False, backend="cpu")
+
+
+def test_cuda_graphs_on_the_cpu_say_they_are_not_used(spec):
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a GPU"):
+        replace(spec, cuda_graphs=True).build("cpu")
 
 
 def test_the_plain_baseline_is_torchs_own_model(spec, images):

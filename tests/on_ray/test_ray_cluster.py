@@ -29,12 +29,19 @@ def two_nodes():
 
     ray.shutdown()
     loopback = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
-    with within(180, "starting two Ray nodes"):
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={**loopback, "include_dashboard": False})  # fmt: skip
-        cluster.add_node(**loopback)
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
-        cluster.wait_for_nodes()
+    cluster = None
+    try:
+        with within(180, "starting two Ray nodes"):
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={**loopback, "include_dashboard": False})  # fmt: skip
+            cluster.add_node(**loopback)
+            ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+            cluster.wait_for_nodes()
+    except BaseException:
+        ray.shutdown()  # whatever half started
+        if cluster is not None:
+            cluster.shutdown()
+        raise
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers lack tests/
     yield cluster
     ray.shutdown()

@@ -89,7 +89,7 @@ def test_predictor_threads_follow_the_cpus_ray_gave_it(spec):
 
         return worker_threads(), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
 
-    assert ray.get(threads.remote())[0] == 2
+    assert ray.get(threads.remote(), timeout=120)[0] == 2
 
     @ray.remote(num_cpus=2)
     class Holder:
@@ -101,7 +101,7 @@ def test_predictor_threads_follow_the_cpus_ray_gave_it(spec):
 
             return self.p.threads, torch.get_num_threads()
 
-    assert ray.get(Holder.remote().threads.remote()) == (2, 2)
+    assert ray.get(Holder.remote().threads.remote(), timeout=120) == (2, 2)
 
 
 def test_a_missing_column_is_named(spec, images):

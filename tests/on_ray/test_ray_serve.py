@@ -36,12 +36,17 @@ def app(spec):
 
     start_local_ray()
     port = _free_port()
-    with within(180, "starting Ray Serve and the fastcnn application"):
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        handle = serve.run(
-            serve_app(max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=1, spec=spec),
-            name="fastcnn", route_prefix="/predict",
-        )  # fmt: skip
+    try:
+        with within(180, "starting Ray Serve and the fastcnn application"):
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            handle = serve.run(
+                serve_app(max_batch_size=8, batch_wait_timeout_s=0.05, num_cpus=1, spec=spec),
+                name="fastcnn", route_prefix="/predict",
+            )  # fmt: skip
+    except BaseException:
+        serve.shutdown()
+        ray.shutdown()
+        raise
     yield handle, f"http://127.0.0.1:{port}/predict"
     serve.shutdown()
     ray.shutdown()
@@ -64,11 +69,12 @@ def _npy(array) -> bytes:
 
 def test_concurrent_requests_form_batches_and_match_one_process(app, images, reference):
     handle, _ = app
+    before = len(handle.batch_sizes.remote().result(timeout_s=30))
     answers = [handle.predict.remote(images[i]) for i in range(REQUESTS)]
     logits = np.stack([answer.result(timeout_s=120)["logits"] for answer in answers])
     assert_logits_close(torch.from_numpy(logits), torch.from_numpy(reference[:REQUESTS]),
                         torch.float32)  # fmt: skip
-    sizes = handle.batch_sizes.remote().result(timeout_s=30)
+    sizes = handle.batch_sizes.remote().result(timeout_s=30)[before:]
     assert sum(sizes) == REQUESTS and max(sizes) > 1, sizes
 
 
@@ -103,6 +109,13 @@ def test_http_answers_images_and_arrays(app, spec, images):
         (_npy(np.zeros((2, 3, SIZE, SIZE), np.float32)), "application/x-npy", "one image"),
         (_npy(np.zeros((3, SIZE + 1, SIZE), np.float32)), "application/x-npy", "one image"),
         (b"\x93NUMPY garbage", "application/x-npy", "not a .npy"),
+        (b'{"array": [[[300]]], "dtype": "uint8"}', "application/json", "0 to 255"),
+        (b'{"array": [[[1.5]]], "dtype": "uint8"}', "application/json", "whole numbers"),
+        (b'{"array": [[[1]]], "dtype": "int8"}', "application/json", '"dtype" must be'),
+        (b'{"array": [[[NaN]]]}', "application/json", "NaN or Inf"),
+        (b"[" * 100000 + b"]" * 100000, "application/json", "JSON must be"),
+        (_npy(np.full((3, SIZE, SIZE), np.nan, np.float32)), "application/x-npy", "NaN or Inf"),
+        (_npy(np.zeros((1, 3000, 3), np.uint8)), "application/x-npy", "aspect ratio"),
     ],
 )
 def test_bad_requests_get_400_and_the_replica_keeps_serving(app, images, body, content_type,
