@@ -6,6 +6,7 @@ Paste its output into bug reports. It builds the extension if that was not done 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -68,6 +69,7 @@ def _cpu_model() -> str:
 def collect() -> dict[str, object]:
     """Everything collect_env prints, as a dict (also used by the benchmarks' result files)."""
     from fastcnn import __version__, _backend, _extension
+    from fastcnn.cpu import int8 as cpu_int8
 
     try:
         import triton
@@ -103,6 +105,11 @@ def collect() -> dict[str, object]:
     }
     if ext.error:
         info["extension error"] = ext.short_error()
+    # A cap makes oneDNN run less than the CPU has (a benchmark run under one says so here)
+    cap = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+           if os.environ.get(k)]  # fmt: skip
+    info["oneDNN ISA cap"] = ", ".join(cap) or "none"
+    info["int8 ISA (oneDNN, probed)"] = cpu_int8.isa()
     info["backend in force"] = _backend.get_backend()
     for name, state in _backend.available_backends().items():
         info[f"backend {name}"] = f"{'yes' if state else 'no'}: {state.reason}"

@@ -108,6 +108,10 @@ def test_collect_env_reports_the_extension_and_backends():
     for key in keys:
         assert key in info
     assert info["extension built"] is True
+    from fastcnn.cpu import int8
+
+    assert info["int8 ISA (oneDNN, probed)"] == int8.isa()
+    assert info["oneDNN ISA cap"] == "none" or "MAX_CPU_ISA=" in info["oneDNN ISA cap"]
 
 
 def test_every_source_file_ships_in_the_package():
