@@ -105,6 +105,11 @@ def main() -> int:
         f"inference_mode, fastcnn.optimize (cpu), each model in a process of its own; "
         f"{args.repeats} timed calls per size"
     )
+    # what else decides resident memory: the kept-output budget and glibc's malloc tunables
+    named = ("MALLOC_", "GLIBC_TUNABLES", "FASTCNN_CACHE_BUDGET")
+    tunables = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(named))
+    if tunables:
+        notes += "; " + ", ".join(tunables)
     results = ResultFile(args.out, "batch_cycling", "Every batch size in turn", notes)
     for name in args.models.split(","):
         command = [sys.executable, __file__, "--worker", name, "--top", str(args.top),
