@@ -21,20 +21,6 @@ from fastcnn.ray.spec import ModelSpec
 BATCH_HISTORY = 4096
 
 
-def _assigned(resource: str) -> float | None:
-    """What Ray gave this worker of `resource`, or None outside Ray."""
-    try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        return None
-    try:
-        return ray.get_runtime_context().get_assigned_resources().get(resource)
-    except AssertionError:  # Ray's answer in a driver: only a worker has assigned resources
-        return None
-
-
 def _ray_worker_mode() -> bool:
     """Is this process a Ray worker (not a driver, not outside Ray)?"""
     try:
@@ -42,6 +28,16 @@ def _ray_worker_mode() -> bool:
     except ImportError:
         return False
     return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def _assigned(resource: str) -> float | None:
+    """What Ray gave this worker of `resource`, or None outside a Ray worker (a driver has no
+    assigned resources)."""
+    if not _ray_worker_mode():
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_assigned_resources().get(resource)
 
 
 def worker_threads() -> int:
