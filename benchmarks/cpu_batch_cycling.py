@@ -28,8 +28,9 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(model_name: str, top: int, size: int, repeats: int) -> dict:
-    """One model, in this process."""
+def measure(model_name: str, provider: str, top: int, size: int, repeats: int) -> dict:
+    """One model, in this process: fastcnn.optimize's, or the plain model (eager, the baseline
+    a user would otherwise serve)."""
     import torch
 
     import fastcnn
@@ -38,7 +39,8 @@ def measure(model_name: str, top: int, size: int, repeats: int) -> dict:
 
     model = make_model(model_name, torch.float32, "cpu")
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    fast = fastcnn.optimize(model.to(memory_format=torch.channels_last))
+    model = model.to(memory_format=torch.channels_last)
+    fast = fastcnn.optimize(model) if provider == "fastcnn" else model
     inputs = {b: model_input(b, "fastcnn", size, torch.float32, "cpu") for b in range(1, top + 1)}
     with torch.inference_mode():
         fast(inputs[1])
@@ -62,6 +64,7 @@ def measure(model_name: str, top: int, size: int, repeats: int) -> dict:
     info = fastcnn.cache_info(fast)
     return {
         "model": model_name,
+        "provider": provider,
         "batches": f"1..{top}",
         "weights_mb": weights,
         "rss_growth_mb": rss_all - rss_warm,
@@ -81,6 +84,9 @@ def measure(model_name: str, top: int, size: int, repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,googlenet")
+    parser.add_argument(
+        "--providers", default="eager,fastcnn", help="eager: the plain model (channels_last)"
+    )
     parser.add_argument("--top", type=int, default=32, help="the largest batch size")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
@@ -94,7 +100,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.worker, args.top, args.size, args.repeats)))
+        model_name, provider = args.worker.split(":")
+        print(json.dumps(measure(model_name, provider, args.top, args.size, args.repeats)))
         return 0
     import json
 
@@ -102,7 +109,8 @@ def main() -> int:
 
     notes = (
         f"fp32, {args.size}x{args.size}, channels_last, {args.threads} threads, "
-        f"inference_mode, fastcnn.optimize (cpu), each model in a process of its own; "
+        f"inference_mode, fastcnn.optimize (cpu) or the plain model (eager), each model and "
+        f"provider in a process of its own; "
         f"{args.repeats} timed calls per size"
     )
     # what else decides resident memory: the kept-output budget and glibc's malloc tunables
@@ -112,11 +120,21 @@ def main() -> int:
         notes += "; " + ", ".join(tunables)
     results = ResultFile(args.out, "batch_cycling", "Every batch size in turn", notes)
     for name in args.models.split(","):
-        command = [sys.executable, __file__, "--worker", name, "--top", str(args.top),
-                   "--size", str(args.size), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads), "--out", str(args.out)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        results.add(json.loads(done.stdout.strip().splitlines()[-1]))
+        eager = None  # the plain model's row, the baseline of fastcnn's memory growth
+        for provider in args.providers.split(","):
+            if provider not in ("eager", "fastcnn"):
+                parser.error(f"--providers: eager or fastcnn, got {provider!r}")
+            command = [sys.executable, __file__, "--worker", f"{name}:{provider}",
+                       "--top", str(args.top), "--size", str(args.size),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads),
+                       "--out", str(args.out)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            if provider == "eager":
+                eager = row
+            elif eager is not None:
+                row["rss_vs_eager"] = row["rss_growth_mb"] / eager["rss_growth_mb"]
+            results.add(row)
     print(results.finish())
     return 0
 

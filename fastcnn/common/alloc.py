@@ -40,62 +40,90 @@ def empty_strided(shape, strides, like: torch.Tensor) -> torch.Tensor:
 
 
 def _budget_from_env() -> int:
-    """FASTCNN_CACHE_BUDGET: bytes, with an optional K, M or G suffix (default 1G)."""
-    text = os.environ.get("FASTCNN_CACHE_BUDGET", "1G").strip().upper()
+    """FASTCNN_CACHE_BUDGET: bytes, with an optional K, M or G suffix (default 256M)."""
+    text = os.environ.get("FASTCNN_CACHE_BUDGET", "256M").strip().upper()
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
     number = text[:-1] if scale != 1 else text
     try:
-        return int(float(number) * scale)
+        budget = int(float(number) * scale)
     except ValueError:
+        budget = -1
+    if budget < 0:
         raise ValueError(
-            f"FASTCNN_CACHE_BUDGET must be a byte count like 536870912 or 512M, got {text!r}"
-        ) from None
+            f"FASTCNN_CACHE_BUDGET must be a byte count like 268435456 or 256M, got {text!r}"
+        )
+    return budget
+
+
+# Outputs used within this many of the latest planned calls (all modules together) are never
+# dropped to make room: a server cycling through batch sizes uses every shape's outputs once a
+# cycle, and a plain LRU smaller than a cycle would drop each just before its reuse (every call
+# allocating anew, the kept set churning, which fragments the heap). Past the window an output
+# counts as out of use and gives way: 4096 calls, 32 batch sizes of a 128-module model.
+RECENT_CALLS = 4096
 
 
 class KeptOutputs:
-    """The memory all planned outputs keep between calls (Recycled), under one byte budget:
-    past it, the least recently used are dropped (their next call allocates afresh). A model
-    served at many input shapes keeps one output per shape and module otherwise."""
+    """The memory all planned outputs keep between calls (Recycled), under one byte budget.
+    A new output is kept if it fits, after dropping outputs unused for RECENT_CALLS planned
+    calls (least recently used first); otherwise it is not kept (its plan allocates on each
+    call, as with no budget), so what is in steady use stays and the total never exceeds the
+    budget. A lower budget (set_cache_budget) drops the least recently used at once."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._lru: collections.OrderedDict[int, tuple[weakref.ref, int]] = collections.OrderedDict()
+        # id(owner) -> (weak reference, bytes, the call count at its last use), oldest use first
+        self._lru: collections.OrderedDict[int, tuple[weakref.ref, int, int]] = (
+            collections.OrderedDict()
+        )
         self.total = 0
+        self.calls = 0  # planned calls, all owners together: the clock of "last use"
         self._lock = threading.Lock()
 
     def keep(self, owner: Recycled, nbytes: int) -> bool:
-        """owner keeps nbytes now and was just used; then the least recently used others are
-        dropped past the budget. False when nbytes alone exceeds it (owner keeps nothing)."""
-        if nbytes > self.budget:
-            self.forget(owner)
-            return False
+        """owner asks to keep nbytes, now. False (owner keeps nothing) when they do not fit
+        the budget beside the outputs in recent use."""
+        victims = []
         with self._lock:
-            _, old = self._lru.pop(id(owner), (None, 0))
-            self._lru[id(owner)] = (weakref.ref(owner, self._died(id(owner))), nbytes)
-            self.total += nbytes - old
-        self.evict()
-        return True
+            self.calls += 1
+            _, old, _ = self._lru.pop(id(owner), (None, 0, 0))
+            self.total -= old
+            unused_before = self.calls - RECENT_CALLS
+            while self.total + nbytes > self.budget and self._lru:
+                key, (ref, size, used) = next(iter(self._lru.items()))
+                if used > unused_before:
+                    break  # the least recently used is in recent use: so are all the others
+                del self._lru[key]
+                self.total -= size
+                victims.append(ref())
+            fits = self.total + nbytes <= self.budget
+            if fits:
+                self._lru[id(owner)] = (weakref.ref(owner, self._died(id(owner))), nbytes,
+                                        self.calls)  # fmt: skip
+                self.total += nbytes
+        _drop(victims)
+        return fits
 
     def evict(self) -> None:
         """Drop the least recently used outputs until the total is within the budget."""
         victims = []
         with self._lock:
             while self.total > self.budget and self._lru:
-                _, (ref, size) = self._lru.popitem(last=False)
+                _, (ref, size, _) = self._lru.popitem(last=False)
                 self.total -= size
                 victims.append(ref())
-        for victim in victims:  # a call holding the tensor keeps its memory alive regardless
-            if victim is not None:
-                victim._keep = None
+        _drop(victims)
 
     def touch(self, owner: Recycled) -> None:
         with self._lock:
-            if id(owner) in self._lru:
-                self._lru.move_to_end(id(owner))
+            self.calls += 1
+            entry = self._lru.pop(id(owner), None)
+            if entry is not None:
+                self._lru[id(owner)] = (*entry[:2], self.calls)
 
     def forget(self, owner: Recycled) -> None:
         with self._lock:
-            _, size = self._lru.pop(id(owner), (None, 0))
+            _, size, _ = self._lru.pop(id(owner), (None, 0, 0))
             self.total -= size
 
     def _died(self, key: int):
@@ -109,13 +137,20 @@ class KeptOutputs:
         return forget
 
 
+def _drop(victims) -> None:
+    for victim in victims:  # a call holding the tensor keeps its memory alive regardless
+        if victim is not None:
+            victim._keep = None
+
+
 kept_outputs = KeptOutputs(_budget_from_env())
 
 
 def set_cache_budget(nbytes: int) -> int:
-    """Bytes that planned outputs may keep between calls, all modules together (the least
-    recently used dropped first; default 1 GiB, or env FASTCNN_CACHE_BUDGET); returns the
-    previous budget. 0 keeps none: every call allocates its output."""
+    """Bytes that planned outputs may keep between calls, all modules together (default
+    256 MiB, or env FASTCNN_CACHE_BUDGET); returns the previous budget. Outputs used within the
+    last RECENT_CALLS planned calls stay; a new output that does not fit beside them is not
+    kept (its calls allocate afresh). 0 keeps none: every call allocates its output."""
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
         raise ValueError(f"fastcnn.set_cache_budget: a byte count >= 0 expected, got {nbytes!r}")
     previous, kept_outputs.budget = kept_outputs.budget, nbytes
