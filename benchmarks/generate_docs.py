@@ -31,16 +31,30 @@ sys.path.insert(0, str(ROOT))  # this checkout's fastcnn (its table columns), no
 
 from fastcnn.bench.results import table_lines  # noqa: E402
 
-PEERS = {"compile", "jit", "openvino", "onnxruntime"}  # what a headline compares fastcnn with
+# what a headline compares fastcnn with
+PEERS = {"compile", "jit", "openvino", "openvino-bf16", "openvino-default", "onnxruntime"}
 BLOCK = re.compile(r"(<!-- generated: ([^>]*?) -->\n)(.*?)(<!-- /generated -->)", re.S)
 PEER_NAMES = {
     "eager": "eager",
     "eager-cl": "eager channels_last",
     "compile": "Inductor",
-    "openvino": "OpenVINO",
+    "openvino": "OpenVINO f32",
+    "openvino-bf16": "OpenVINO bf16",
+    "openvino-default": "OpenVINO default",
     "onnxruntime": "ONNX Runtime",
     "jit": "TorchScript",
 }
+# the precision each run's dtype names (OpenVINO's own: its provider names it)
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def peer_name(provider: str, env: dict) -> str:
+    """A provider as the docs name it, OpenVINO with the precision it ran (its default's as
+    the run recorded it: bf16 on CPUs with native bf16)."""
+    name = PEER_NAMES.get(provider, provider)
+    if provider == "openvino-default":
+        name += f" ({env.get('openvino default precision', 'precision not recorded')})"
+    return name
 
 
 def docs() -> list[Path]:
@@ -78,14 +92,14 @@ def _source(path: Path, env: dict, doc: Path) -> str:
     )
 
 
-def _fp32_model_runs() -> dict[str, tuple[Path, dict, list[dict]]]:
-    """{machine: its latest fastcnn-bench model run in fp32 against peers (no int8 provider)}."""
+def _model_runs(dtype: str = "float32") -> dict[str, tuple[Path, dict, list[dict]]]:
+    """{machine: its latest fastcnn-bench model run in dtype against peers (no int8 provider)}."""
     latest: dict[str, tuple[Path, dict, list[dict]]] = {}
     for path in sorted(RESULTS.rglob("results.json")):
         env, kind, rows = _load(path)
         if kind != "measurements" or not rows or "model" not in rows[0]:
             continue
-        if any(r["provider"].endswith("int8") or r.get("dtype") != "float32" for r in rows):
+        if any(r["provider"].endswith("int8") or r.get("dtype") != dtype for r in rows):
             continue
         if not {r["provider"] for r in rows} & PEERS:  # an A/B of fastcnn against itself
             continue
@@ -96,22 +110,26 @@ def _fp32_model_runs() -> dict[str, tuple[Path, dict, list[dict]]]:
 
 
 def headline(doc: Path) -> list[str]:
+    """Per machine, its latest fp32 run, then its latest bf16 run, each naming its precision
+    and every peer's."""
     lines = []
-    for machine, (path, env, rows) in _fast_first(_fp32_model_runs()):
-        ours = [r for r in rows if r.get("vs_best_peer")]
-        if not ours:
-            continue
-        ratios = [r["vs_best_peer"] for r in ours]
-        peers = sorted({PEER_NAMES.get(r["provider"], r["provider"]) for r in rows
-                        if not r["provider"].startswith("fastcnn")})  # fmt: skip
-        models = ", ".join(dict.fromkeys(r["model"] for r in ours))
-        batches = " and ".join(str(b) for b in dict.fromkeys(r["batch"] for r in ours))
-        lines.append(
-            f"- **{machine}** ({env['cpu']}, fp32, {models}, batch {batches}): fastcnn "
-            f"{min(ratios):.2f}x-{max(ratios):.2f}x the fastest of {', '.join(peers)} "
-            f"([{path.parent.name}]({_rel(path, doc)}), {env['date'][:10]}, commit "
-            f"{env['git commit'][:7]})"
-        )
+    for dtype in ("float32", "bfloat16"):
+        for machine, (path, env, rows) in _fast_first(_model_runs(dtype)):
+            ours = [r for r in rows if r.get("vs_best_peer")]
+            if not ours:
+                continue
+            ratios = [r["vs_best_peer"] for r in ours]
+            peers = sorted({peer_name(r["provider"], env) for r in rows
+                            if not r["provider"].startswith("fastcnn")})  # fmt: skip
+            models = ", ".join(dict.fromkeys(r["model"] for r in ours))
+            batches = " and ".join(str(b) for b in dict.fromkeys(r["batch"] for r in ours))
+            precision = PRECISIONS.get(dtype, dtype)
+            lines.append(
+                f"- **{machine}** ({env['cpu']}, {precision} model, {models}, batch {batches}): "
+                f"fastcnn {min(ratios):.2f}x-{max(ratios):.2f}x the fastest of "
+                f"{', '.join(peers)} ([{path.parent.name}]({_rel(path, doc)}), "
+                f"{env['date'][:10]}, commit {env['git commit'][:7]})"
+            )
     return lines or ["No model run is committed yet."]
 
 
@@ -120,10 +138,10 @@ def _fast_first(runs: dict) -> list:
     return sorted(runs.items(), key=lambda item: item[1][1]["date"], reverse=True)
 
 
-def _versus(rows: list[dict]) -> list[str]:
+def _versus(rows: list[dict], env: dict) -> list[str]:
     """fastcnn's rows against the fastest other provider of the same (model, batch), and
     against the run's baseline (its first provider, which every speedup is relative to)."""
-    baseline = PEER_NAMES.get(rows[0]["provider"], rows[0]["provider"])
+    baseline = peer_name(rows[0]["provider"], env)
     lines = [
         "| model | batch | fastcnn ms | fastest peer | its ms | fastcnn vs fastest peer "
         f"| fastcnn vs {baseline} |",
@@ -137,7 +155,7 @@ def _versus(rows: list[dict]) -> list[str]:
         best = min(peers, key=lambda p: p["ms"])
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ms']:.1f} | "
-            f"{PEER_NAMES.get(best['provider'], best['provider'])} | {best['ms']:.1f} | "
+            f"{peer_name(best['provider'], env)} | {best['ms']:.1f} | "
             f"{r['vs_best_peer']:.2f}x | {r['speedup']:.2f}x |"
         )
     return lines
@@ -145,8 +163,8 @@ def _versus(rows: list[dict]) -> list[str]:
 
 def latest(doc: Path) -> list[str]:
     lines = []
-    for machine, (path, env, rows) in _fast_first(_fp32_model_runs()):
-        lines += [f"### {machine}", "", _source(path, env, doc), "", *_versus(rows), ""]
+    for machine, (path, env, rows) in _fast_first(_model_runs()):
+        lines += [f"### {machine}", "", _source(path, env, doc), "", *_versus(rows, env), ""]
         plot = path.parent / "throughput.png"
         if plot.exists():
             lines += [f"![{machine} throughput]({_rel(plot, doc)})", ""]

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::I
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  int64_t groups, bool winograd);
 int64_t onednn_conv_layout(at::IntArrayRef x_sizes, at::IntArrayRef w, at::IntArrayRef stride,
-                           at::IntArrayRef padding, int64_t groups, bool winograd);
+                           at::IntArrayRef padding, int64_t groups, bool winograd,
+                           at::ScalarType type);
 bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t packed_layout,
                  at::IntArrayRef w, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
@@ -93,7 +94,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x_sizes"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("groups"), pybind11::arg("winograd") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("onednn_conv_layout", &fastcnn::onednn_conv_layout,
+  m.def("onednn_conv_layout", &fastcnn::onednn_conv_layout, pybind11::arg("x_sizes"),
+        pybind11::arg("w"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("groups"), pybind11::arg("winograd"), pybind11::arg("dtype"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);

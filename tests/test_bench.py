@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -117,9 +118,19 @@ def test_cpu_preset_fills_what_is_not_given():
     args = bench.parse_args(["--preset", "cpu", "--batch", "2"])
     assert args.device == "cpu" and args.threads == 2 and args.dtype == "float32"
     assert args.models == ["resnet50", "googlenet"]
-    assert args.provider_list == ["eager-cl", "compile", "openvino", "onnxruntime", "fastcnn-cpu"]
+    assert args.provider_list == [
+        "eager-cl", "compile", "openvino", "openvino-default", "onnxruntime", "fastcnn-cpu",
+    ]  # fmt: skip
     assert args.processes == 3  # each provider in processes of its own
     assert args.batches == [2]  # the explicit argument wins
+
+
+def test_bf16_precision_compares_a_bf16_model_with_bf16_peers():
+    args = bench.parse_args(["--precision", "bf16"])
+    assert args.dtype == "bfloat16" and args.device == "cpu"
+    assert args.provider_list == [
+        "eager-cl", "compile", "openvino-bf16", "openvino-default", "fastcnn-cpu",
+    ]  # fmt: skip
 
 
 def test_fastcnn_rows_compare_with_the_best_peer():
@@ -190,6 +201,32 @@ def test_peer_runtimes_match_eager(provider):
         got = fn(x)
         assert got.shape == expected.shape and got.dtype == torch.float32
         assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("provider", ["openvino-bf16", "openvino-default"])
+def test_openvino_runs_the_precision_it_is_asked_or_says_it_did_not(provider):
+    """A bf16 model's input (fastcnn-bench --precision bf16) goes to OpenVINO as fp32; it runs
+    bf16 where the CPU has native bf16, and the bf16 provider refuses a CPU where OpenVINO
+    would quietly run f32."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install -e '.[peers]')")
+    import torch
+
+    from fastcnn.bench import peers
+    from fastcnn.bench.providers import make_model
+
+    model = make_model("resnet18", torch.bfloat16, "cpu")
+    fn = peers.build(provider, model)
+    x = torch.randn(2, 3, 32, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).float()(x.float())
+    if provider == "openvino-bf16" and peers.openvino_default_precision() != "bf16":
+        with pytest.raises(RuntimeError, match="compiled for f32, not bf16"):
+            fn(x)
+        return
+    got = fn(x)
+    scale = max(1.0, expected.abs().max().item())
+    assert got.shape == expected.shape and (got - expected).abs().max().item() <= 5e-2 * scale
+    assert peers.versions([provider])["openvino"] != "not installed"
 
 
 def test_peers_refuse_what_they_do_not_compare():

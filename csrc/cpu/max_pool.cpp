@@ -7,11 +7,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace fastcnn {
@@ -25,16 +27,46 @@ inline T max_keep_nan(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// bf16 and fp16 compare as fp32: converted once on loading and once on storing (exact both
+// ways: the max of bf16 values is one of them), where ATen's Vectorized<BFloat16>::maximum
+// converts both operands and the result of every comparison.
+template <typename T>
+constexpr bool kAsFloat = at::vec::is_reduced_floating_point_v<T>;
+
+template <typename T>
+inline auto load_vec(const T* p) {
+  if constexpr (kAsFloat<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  } else {
+    return Vectorized<T>::loadu(p);
+  }
+}
+
+template <typename T, typename V>
+inline void store_vec(const V& v, T* p) {
+  if constexpr (kAsFloat<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, V::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// The vector type a T channel block is compared in, and its lowest value.
+template <typename T>
+using CompareVec = Vectorized<std::conditional_t<kAsFloat<T>, float, T>>;
+
 // The max of n channel vectors of c elements, each `step` apart from the last, into o.
 template <typename T>
 inline void max_of(const T* x, int64_t n, int64_t step, int64_t c, T lowest, T* o) {
-  using Vec = Vectorized<T>;
+  using Vec = CompareVec<T>;
   constexpr int64_t V = Vec::size();
   int64_t ch = 0;
   for (; ch + V <= c; ch += V) {
-    Vec m(lowest);
-    for (int64_t i = 0; i < n; ++i) m = at::vec::maximum(m, Vec::loadu(x + i * step + ch));
-    m.store(o + ch);
+    Vec m(static_cast<typename Vec::value_type>(lowest));
+    for (int64_t i = 0; i < n; ++i) m = at::vec::maximum(m, load_vec(x + i * step + ch));
+    store_vec(m, o + ch);
   }
   for (; ch < c; ++ch) {
     T m = lowest;
@@ -47,17 +79,17 @@ inline void max_of(const T* x, int64_t n, int64_t step, int64_t c, T lowest, T* 
 template <typename T>
 inline void window_max(const T* x, int64_t rows, int64_t cols, int64_t row_step, int64_t c,
                        T lowest, T* o) {
-  using Vec = Vectorized<T>;
+  using Vec = CompareVec<T>;
   constexpr int64_t V = Vec::size();
   int64_t ch = 0;
   for (; ch + V <= c; ch += V) {
-    Vec m(lowest);
+    Vec m(static_cast<typename Vec::value_type>(lowest));
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) {
-        m = at::vec::maximum(m, Vec::loadu(x + i * row_step + j * c + ch));
+        m = at::vec::maximum(m, load_vec(x + i * row_step + j * c + ch));
       }
     }
-    m.store(o + ch);
+    store_vec(m, o + ch);
   }
   for (; ch < c; ++ch) {
     T m = lowest;

@@ -43,8 +43,8 @@ struct Conv {
 // refilled by the shapes still in use).
 constexpr size_t kMaxPrimitives = 8192;
 
-memory::data_type data_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+memory::data_type data_type(at::ScalarType type) {
+  switch (type) {
     case at::kFloat:
       return memory::data_type::f32;
     case at::kBFloat16:
@@ -52,9 +52,11 @@ memory::data_type data_type(const at::Tensor& t) {
     case at::kHalf:
       return memory::data_type::f16;
     default:
-      TORCH_CHECK(false, "fastcnn onednn_conv: unsupported dtype ", t.scalar_type());
+      TORCH_CHECK(false, "fastcnn onednn_conv: unsupported dtype ", type);
   }
 }
+
+memory::data_type data_type(const at::Tensor& t) { return data_type(t.scalar_type()); }
 
 // t's layout as oneDNN matches it: a dense channels_last or NCHW tensor by its format tag (a
 // size-1 dim's stride is arbitrary in torch, while oneDNN compares every stride), any other
@@ -227,20 +229,22 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::I
 
 }  // namespace
 
-// The id of the layout onednn_conv_pack packs an fp32 weight of sizes w in for inputs of x_sizes
-// at this thread count (Winograd's where winograd): convs whose ids agree share one pack, so a
-// weight served at many batch sizes is packed once per layout, not once per shape.
+// The id of the layout onednn_conv_pack packs a weight of sizes w and dtype type in for inputs
+// of x_sizes at this thread count (Winograd's where winograd, fp32 only): convs whose ids agree
+// share one pack, so a weight served at many batch sizes is packed once per layout, not once
+// per shape.
 int64_t onednn_conv_layout(at::IntArrayRef x_sizes, at::IntArrayRef w, at::IntArrayRef stride,
-                           at::IntArrayRef padding, int64_t groups, bool winograd) {
+                           at::IntArrayRef padding, int64_t groups, bool winograd,
+                           at::ScalarType type) {
   TORCH_CHECK(x_sizes.size() == 4 && w.size() == 4 && x_sizes[1] == w[1] * groups,
               "fastcnn onednn_conv_layout: input sizes ", x_sizes, " do not fit the weight ", w);
   if (winograd) {
-    TORCH_CHECK(winograd_applies(w, stride, padding, groups, at::kFloat),
+    TORCH_CHECK(winograd_applies(w, stride, padding, groups, type),
                 "fastcnn onednn_conv_layout: Winograd takes fp32 3x3 convs of stride 1, padding "
                 "1, 1 group");
     return winograd_layout_id(layout_id(winograd_weights_desc(x_sizes, w[0])));
   }
-  return layout_id(packed_weight_desc(x_sizes, w, stride, padding, groups, memory::data_type::f32));
+  return layout_id(packed_weight_desc(x_sizes, w, stride, padding, groups, data_type(type)));
 }
 
 // weight [O, I/G, KH, KW] packed into the layout oneDNN picks for convs of these shapes (see

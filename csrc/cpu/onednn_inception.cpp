@@ -36,7 +36,8 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
 void max_pool2d_out_cpu(const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::Tensor out);  // max_pool.cpp
 
-// out = the block's four branches concatenated along channels, for x (channels_last fp32).
+// out = the block's four branches concatenated along channels, for x (channels_last fp32 or
+// bf16).
 // packed[i], layouts[i]: onednn_conv_pack's result for conv i of the structure (see above),
 // w_sizes[i] its weight's sizes, biases[i] its bias; widths: the merged reduce's three parts
 // (branch 1, reduce 2, reduce 3); pool: the pool branch's window (stride 1, padding pool / 2).
@@ -53,8 +54,8 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
               "fastcnn onednn_inception: 4 (merged) or 6 (separate) convs with their layouts, "
               "weight sizes and biases, 3 widths and an odd pool window expected");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  x.scalar_type() == at::kFloat,
-              "fastcnn onednn_inception: x must be a 4-D channels_last fp32 tensor");
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "fastcnn onednn_inception: x must be a 4-D channels_last fp32 or bf16 tensor");
   for (const auto& w : w_sizes) {
     TORCH_CHECK(w.size() == 4 && w[0] >= 1 && w[2] == w[3] && w[2] % 2 == 1,
                 "fastcnn onednn_inception: square odd kernels expected");
@@ -83,15 +84,15 @@ bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed
   for (const auto& w : w_sizes) widths_used.push_back(w[0]);
   widths_used.push_back(x.size(1));  // the pool's output
   if (n == 4) widths_used.insert(widths_used.end(), {widths[1], widths[2]});
-  const int64_t plane = batch * h * wd, align = 64 / static_cast<int64_t>(sizeof(float));
-  int64_t floats = 0;
-  for (int64_t c : widths_used) floats += (plane * c + align - 1) / align * align;
-  auto* memory = static_cast<float*>(
-      thread_buffer<ThreadBuffer::kInceptionIntermediates>(floats * sizeof(float)));
-  int64_t taken = 0;
+  const int64_t plane = batch * h * wd, align = 64 / static_cast<int64_t>(x.element_size());
+  int64_t elements = 0;
+  for (int64_t c : widths_used) elements += (plane * c + align - 1) / align * align;
+  auto* memory = static_cast<char*>(
+      thread_buffer<ThreadBuffer::kInceptionIntermediates>(elements * x.element_size()));
+  int64_t taken = 0;            // elements
   auto take = [&](int64_t c) {  // a [batch, c, h, w] channels_last tensor of the buffer
-    auto t =
-        at::from_blob(memory + taken, {batch, c, h, wd}, {h * wd * c, 1, wd * c, c}, x.options());
+    auto t = at::from_blob(memory + taken * x.element_size(), {batch, c, h, wd},
+                           {h * wd * c, 1, wd * c, c}, x.options());
     taken += (plane * c + align - 1) / align * align;
     return t;
   };

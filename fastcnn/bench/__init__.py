@@ -70,7 +70,7 @@ PRESETS = {
         iters=12,
         threads=2,
         processes=3,
-        providers="eager-cl,compile,openvino,onnxruntime,fastcnn-cpu",
+        providers="eager-cl,compile,openvino,openvino-default,onnxruntime,fastcnn-cpu",
     ),
 }
 # --precision int8: fastcnn.quantize against the int8 peers (fastcnn/bench/int8.py), with
@@ -83,6 +83,18 @@ INT8 = dict(
     iters=10,
     threads=2,
     providers="fastcnn-cpu,fastcnn-int8,compile-int8,openvino-int8,onnxruntime-int8",
+)
+# --precision bf16: a bf16 model (fastcnn, Inductor, eager) against OpenVINO running bf16 and
+# with its defaults (bf16 where the CPU has native bf16), checked against the fp32 model.
+BF16 = dict(
+    device="cpu",
+    model="resnet50,googlenet",
+    batch="1,8",
+    dtype="bfloat16",
+    iters=12,
+    threads=2,
+    processes=3,
+    providers="eager-cl,compile,openvino-bf16,openvino-default,fastcnn-cpu",
 )
 DEFAULTS = {  # per device: what a bare `fastcnn-bench` runs
     "cpu": dict(
@@ -119,8 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--preset", choices=list(PRESETS), help="cpu: fastcnn vs every CPU peer, resnet50+googlenet"
     )
     parser.add_argument(
-        "--precision", choices=["fp32", "int8"], default="fp32",
-        help="int8: fastcnn.quantize vs Inductor/OpenVINO/ONNX Runtime int8, CPU",
+        "--precision", choices=["fp32", "int8", "bf16"], default="fp32",
+        help="int8: fastcnn.quantize vs Inductor/OpenVINO/ONNX Runtime int8; bf16: a bf16 "
+        "model vs Inductor bf16 and OpenVINO bf16 and default; CPU",
     )  # fmt: skip
     parser.add_argument(
         "--processes",
@@ -141,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="result folder (default fastcnn-bench/<time>)")
     args = parser.parse_args(argv)
-    defaults = INT8 if args.precision == "int8" else PRESETS.get(args.preset, {})
+    by_precision = {"int8": INT8, "bf16": BF16}
+    defaults = by_precision.get(args.precision) or PRESETS.get(args.preset, {})
     for key, value in defaults.items():
         if getattr(args, key) is None:  # an explicit argument still wins
             setattr(args, key, value)

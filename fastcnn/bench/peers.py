@@ -4,10 +4,11 @@ CPUs (``pip install -e ".[peers]"``).
 Each is set up as its documentation recommends for a fixed thread count (torch's, which
 fastcnn-bench sets from --threads), and built once per input shape on the first call at that
 shape, as fastcnn plans once per input shape:
-- OpenVINO: ``openvino.convert_model`` of the eval-mode model, ``Core.compile_model`` on "CPU"
-  with INFERENCE_NUM_THREADS, PERFORMANCE_HINT=LATENCY and INFERENCE_PRECISION_HINT=f32. Without
-  the precision hint, OpenVINO silently runs bf16 on CPUs with avx512_bf16/AMX: not an fp32
-  comparison.
+- OpenVINO: ``openvino.convert_model`` of the eval-mode model (in fp32), ``Core.compile_model``
+  on "CPU" with INFERENCE_NUM_THREADS, PERFORMANCE_HINT=LATENCY and INFERENCE_PRECISION_HINT=f32
+  ("openvino") or bf16 ("openvino-bf16"), or no precision hint ("openvino-default": what a user
+  who sets none gets, bf16 on CPUs with avx512_bf16/AMX, f32 elsewhere; the result file's
+  environment names it). Each checks the precision it compiled for.
 - ONNX Runtime: ``torch.onnx.export`` (torch's default, torch.export-based exporter), an
   InferenceSession with every graph optimization
   (ORT_ENABLE_ALL: its NCHWc layout transformer included), intra_op_num_threads, sequential
@@ -18,12 +19,15 @@ Both take the NCHW input as a numpy array without a copy and return a torch tens
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 
 PEERS = {
     "openvino": "OpenVINO: convert_model + compile_model on CPU, f32 precision, latency hint",
+    "openvino-bf16": "OpenVINO as openvino, bf16 precision (CPUs with native bf16)",
+    "openvino-default": "OpenVINO as openvino, its default precision (no hint)",
     "onnxruntime": "ONNX Runtime: torch.onnx.export + CPU session, all graph optimizations",
 }
 
@@ -35,9 +39,14 @@ def _require(module: str):
         raise RuntimeError(f"{module} is not installed: pip install -e '.[peers]'") from exc
 
 
-def _check_input(name: str, x: torch.Tensor) -> None:
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+def _check_input(name: str, x: torch.Tensor, dtypes=(torch.float32,)) -> None:
+    if x.dtype not in dtypes or x.device.type != "cpu":
         raise RuntimeError(f"{name}: this provider runs float32 CPU inputs only, got {x.dtype}")
+
+
+# OpenVINO takes the fp32 model and input and runs the precision asked of it: a bf16 run of
+# fastcnn-bench hands it bf16 inputs, converted here (a copy of the input, timed with it)
+_OPENVINO_INPUTS = (torch.float32, torch.bfloat16)
 
 
 def _per_shape(compile_for: Callable[[torch.Tensor], Callable]) -> Callable:
@@ -53,39 +62,49 @@ def _per_shape(compile_for: Callable[[torch.Tensor], Callable]) -> Callable:
     return run
 
 
-def openvino_request(model: torch.nn.Module, x: torch.Tensor, threads: int, **config):
+def openvino_request(model: torch.nn.Module, x: torch.Tensor, threads: int, precision="f32",
+                     **config):  # fmt: skip
     """An OpenVINO infer request for model at x's shape, compiled as the openvino provider
-    compiles it (config: more compile_model properties, e.g. PERF_COUNT=True)."""
+    compiles it: INFERENCE_PRECISION_HINT=precision ("f32", "bf16"; None: OpenVINO's default),
+    and config, more compile_model properties (e.g. PERF_COUNT=True)."""
     ov = _require("openvino")
-    _check_input("openvino", x)
-    config = {
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",
-        **config,
-    }
+    _check_input("openvino", x, _OPENVINO_INPUTS)
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **config}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    model = copy.deepcopy(model).float() if _has_dtype_other_than_fp32(model) else model
     with torch.no_grad():
-        converted = ov.convert_model(model, example_input=x, input=[tuple(x.shape)])
+        converted = ov.convert_model(model, example_input=x.float(), input=[tuple(x.shape)])
     compiled = ov.Core().compile_model(converted, "CPU", config)
-    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-    if precision != ov.Type.f32:
-        raise RuntimeError(f"openvino: compiled for {precision}, not f32")
+    compiled_for = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if precision is not None and compiled_for.get_type_name() != precision:
+        raise RuntimeError(f"openvino: compiled for {compiled_for}, not {precision}")
     return compiled.create_infer_request()
 
 
-def openvino(model: torch.nn.Module, threads: int) -> Callable:
+def _has_dtype_other_than_fp32(model: torch.nn.Module) -> bool:
+    return any(p.dtype != torch.float32 for p in [*model.parameters(), *model.buffers()])
+
+
+def openvino(model: torch.nn.Module, threads: int, precision="f32") -> Callable:
     _require("openvino")
 
     def compile_for(x: torch.Tensor) -> Callable:
-        request = openvino_request(model, x, threads)
+        request = openvino_request(model, x, threads, precision)
 
         def infer(x: torch.Tensor) -> torch.Tensor:
-            result = request.infer({0: x.numpy()}, share_inputs=True)
+            result = request.infer({0: x.float().numpy()}, share_inputs=True)
             return torch.from_numpy(result[0].copy())
 
         return infer
 
     return _per_shape(compile_for)
+
+
+def openvino_default_precision() -> str:
+    """The precision OpenVINO's CPU plugin runs when no hint is given, on this CPU."""
+    ov = _require("openvino")
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def onnxruntime(model: torch.nn.Module, threads: int) -> Callable:
@@ -121,14 +140,20 @@ def versions(providers: list[str]) -> dict[str, str]:
     found = {}
     for name in providers:
         if name in PEERS:
+            runtime = name.partition("-")[0]
             try:
-                found[name] = __import__(name).__version__
+                found[runtime] = __import__(runtime).__version__
             except ImportError:
-                found[name] = "not installed"
+                found[runtime] = "not installed"
+    if "openvino-default" in providers and found.get("openvino") != "not installed":
+        found["openvino default precision"] = openvino_default_precision()
     return found
 
 
 def build(provider: str, model: torch.nn.Module) -> Callable:
     """The provider's callable over an eval-mode NCHW model (torch's thread count)."""
     threads = torch.get_num_threads()
-    return {"openvino": openvino, "onnxruntime": onnxruntime}[provider](model, threads)
+    if provider == "onnxruntime":
+        return onnxruntime(model, threads)
+    precision = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-default": None}[provider]
+    return openvino(model, threads, precision)

@@ -138,10 +138,10 @@ def _choose(run) -> str:
     return min(VARIANTS, key=best.__getitem__)
 
 
-def _packer(input_shape, weight_shape) -> onednn.Packer:
+def _packer(input_shape, weight_shape, dtype=torch.float32) -> onednn.Packer:
     """The direct path's packer of a "same"-padded stride-1 conv of the block."""
     k = weight_shape[-1]
-    return onednn.Packer(input_shape, weight_shape, (1, 1), (k // 2, k // 2))
+    return onednn.Packer(input_shape, weight_shape, (1, 1), (k // 2, k // 2), 1, dtype)
 
 
 def winograd_kxk(x, widths, w2, w3) -> bool:
@@ -150,7 +150,7 @@ def winograd_kxk(x, widths, w2, w3) -> bool:
         return False
     n, _, h, w = x.shape
     kxk = ((widths[1], w2), (widths[2], w3))
-    return any(_packer((n, c, h, w), wt.shape).winograd_now() for c, wt in kxk)
+    return any(_packer((n, c, h, w), wt.shape, x.dtype).winograd_now() for c, wt in kxk)
 
 
 def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str]:
@@ -191,8 +191,10 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides
                      tuple(w4.shape)],
     }  # fmt: skip
     c_ins = {"merged": [c_in, c2r, c3r, c_in], "separate": [c_in, c_in, c2r, c_in, c3r, c_in]}
-    packers = {v: [_packer((n, c, h, w), s) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
-               for v in VARIANTS}  # fmt: skip
+    packers = {
+        v: [_packer((n, c, h, w), s, x.dtype) for c, s in zip(c_ins[v], w_sizes[v], strict=True)]
+        for v in VARIANTS
+    }
     block_call = onednn.linked_extension().onednn_inception
     shape, output = tuple(x.shape), alloc.Recycled(out_shape, out_strides)
 

@@ -15,7 +15,6 @@ fix does), and the op runs the exact reference otherwise.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from fastcnn import _backend, _extension, _trace
 from fastcnn.common import alloc
 from fastcnn.common.dispatch import can_skip_dispatcher
+from fastcnn.common.env import onednn_isa_cap
 from fastcnn.common.weight_cache import WeightCache
 from fastcnn.common.weight_cache import signature as weight_signature
 
@@ -103,8 +103,7 @@ def _probe_failure() -> str | None:
 def _capped_isa() -> str:
     """The ISA oneDNN runs where the probe saturates on a VNNI CPU: the cap the environment
     sets (lower case, as oneDNN names it: "avx2", "avx512_core", ...), else "no_vnni"."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return cap.lower() if cap else "no_vnni"
+    return onednn_isa_cap() or "no_vnni"
 
 
 @functools.cache

@@ -4,8 +4,9 @@ The bias, the residual add and the ReLU are oneDNN post-ops applied while each o
 still in registers/cache, instead of eager's separate passes. Two ways to reach oneDNN:
 
   direct: the extension's own oneDNN calls (csrc/cpu/onednn_conv.cpp, the onednn-cpu-gomp
-          wheel's library), fp32 with channels innermost: primitives made once per shape and
-          layout and kept, input, output and residual read and written through their strides.
+          wheel's library), fp32 or bf16 with channels innermost: primitives made once per
+          shape and layout and kept, input, output and residual read and written through their
+          strides.
   torch:  torch.ops.mkldnn._convolution_pointwise, what Inductor's CPU freezing path runs; it
           creates its primitive descriptor on every call. Every other case,
           and all of them where the extension was built without the library (noted once).
@@ -17,10 +18,13 @@ version counter, so only a new storage or shape counts for them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastcnn import _backend, _extension
 from fastcnn.common import alloc
+from fastcnn.common.env import onednn_isa_cap
 from fastcnn.common.shapes import output_shape, strides_of
 from fastcnn.common.weight_cache import WeightCache, signature
 from fastcnn.cpu import winograd
@@ -32,6 +36,7 @@ _cache = WeightCache()
 _packed = _cache.entries  # tests read it
 
 
+@functools.cache  # the torch build's and the CPU's answer: asked once
 def supports(dtype: torch.dtype) -> bool:
     """Can oneDNN run a convolution in this dtype on this CPU?"""
     if not torch.backends.mkldnn.is_available():
@@ -91,8 +96,37 @@ def linked_extension():
 
 
 def direct(x: torch.Tensor) -> bool:
-    """Does a conv of x run through the direct oneDNN path (fp32, channels innermost)?"""
-    return x.dtype == torch.float32 and x.stride(1) == 1 and linked_extension() is not None
+    """Does a conv of x run through the direct oneDNN path (fp32, or bf16 where oneDNN runs
+    it; channels innermost)?"""
+    if x.dtype == torch.bfloat16:
+        if not supports(torch.bfloat16):
+            return False
+        if not native_bf16():
+            _backend.note_once(
+                ("conv_bn_act", "bf16-emulated"),
+                "fastcnn: this CPU has no native bf16 (avx512_bf16 or AMX, or oneDNN is capped "
+                "below them): oneDNN emulates bf16 convolutions, usually slower than fp32 here",
+            )
+    elif x.dtype != torch.float32:
+        return False
+    return x.stride(1) == 1 and linked_extension() is not None
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that keep its native bf16 kernels: the avx512_core_bf16
+# level and every one above it (AMX, AVX10)
+_BF16_CAPS = ("bf16", "fp16", "amx", "avx10", "default", "all")
+
+
+def native_bf16() -> bool:
+    """Does oneDNN run bf16 natively here (avx512_bf16 or AMX instructions, not capped below
+    them)? Without, it emulates bf16 on AVX-512 (and torch runs none on AVX2)."""
+    cpu = torch.cpu
+    flags = (
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    cap = onednn_isa_cap()
+    return bool(flags) and (not cap or any(name in cap for name in _BF16_CAPS))
 
 
 def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
@@ -109,20 +143,23 @@ def residual_copy_reason(x: torch.Tensor, residual: torch.Tensor | None) -> str 
 
 class Packer:
     """pack(weight, use_winograd) -> (packed bytes, layout id): the direct path's packed copy
-    of one conv's weight for (fp32, channels_last) inputs of one shape, transformed for
-    Winograd when asked. Packs are kept per weight version and layout
+    of one conv's weight for (dtype, channels_last) inputs of one shape, transformed for
+    Winograd when asked (fp32 only). Packs are kept per weight version and layout
     (fastcnn.common.weight_cache), not per shape: every batch size whose layout agrees (oneDNN
     picks it per shape and thread count; most convs have one for every batch size) shares one
     pack. `eligible`: whether Winograd may take this conv (fastcnn.cpu.winograd.eligible;
     whether it does also depends on the switch, winograd.enabled(), read once per call)."""
 
-    __slots__ = ("_layout_of", "_layouts", "_make", "eligible", "groups", "padding", "shape",
-                 "stride", "w_shape")  # fmt: skip
+    __slots__ = ("_layout_of", "_layouts", "_make", "dtype", "eligible", "groups", "padding",
+                 "shape", "stride", "w_shape")  # fmt: skip
 
-    def __init__(self, input_shape, weight_shape, stride, padding, groups: int = 1) -> None:
+    def __init__(self, input_shape, weight_shape, stride, padding, groups: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         self.shape, self.stride, self.padding = tuple(input_shape), tuple(stride), tuple(padding)
-        self.w_shape, self.groups = tuple(weight_shape), groups
-        self.eligible = winograd.eligible(self.shape, weight_shape, stride, padding, groups)
+        self.w_shape, self.groups, self.dtype = tuple(weight_shape), groups, dtype
+        self.eligible = dtype == torch.float32 and winograd.eligible(
+            self.shape, weight_shape, stride, padding, groups
+        )
         ext = linked_extension()
         self._make, self._layout_of = ext.onednn_conv_pack, ext.onednn_conv_layout
         self._layouts: dict[tuple, int] = {}  # (thread count, Winograd?) -> layout id
@@ -135,7 +172,13 @@ class Packer:
         found = self._layouts.get(key)
         if found is None:
             found = self._layouts[key] = self._layout_of(
-                self.shape, self.w_shape, self.stride, self.padding, self.groups, use_winograd
+                self.shape,
+                self.w_shape,
+                self.stride,
+                self.padding,
+                self.groups,
+                use_winograd,
+                self.dtype,
             )
         return found
 
@@ -196,7 +239,9 @@ class ConvPlan:
         self._out = (shape, strides_of(shape, out_format or torch.channels_last))
         self._recycled = alloc.Recycled(*self._out) if recycle else None
         self._w_shape, self._args = tuple(weight.shape), (stride, padding, groups, relu)
-        self.packer = Packer(x.shape, weight.shape, stride, padding, groups) if direct(x) else None
+        self.packer = (
+            Packer(x.shape, weight.shape, stride, padding, groups, x.dtype) if direct(x) else None
+        )
 
     def kernel(self, use_winograd: bool) -> str:
         return "winograd" if use_winograd else "onednn"

@@ -152,3 +152,36 @@ def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch,
     assert block_calls and all(block_calls), "the planned calls ran the C++ block call"
     for out in (first, *planned):
         assert_winograd_close(out, expected)
+
+
+@pytest.mark.skipif(
+    not onednn.supports(torch.bfloat16),
+    reason="oneDNN runs no bf16 convolutions on this CPU (AVX-512 or native bf16 needed)",
+)
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_bf16_blocks_run_the_block_call_within_bf16s_tolerance(variant, monkeypatch, onednn_direct):
+    """A bf16 block: the per-conv path on the first call, then the planned C++ block call (its
+    intermediates and pool in bf16), both against a float64 reference of the same bf16 tensors."""
+    fused = _fused().to(torch.bfloat16)
+    x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    x = x.to(torch.bfloat16)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+    ext, block_calls = onednn_direct, []
+    block_call = ext.onednn_inception
+
+    def counted(*a):
+        block_calls.append(block_call(*a))
+        return block_calls[-1]
+
+    monkeypatch.setattr(ext, "onednn_inception", counted)
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in _args(fused)]
+    expected = reference.inception(x.double(), *args)
+    with torch.no_grad(), fastcnn.use_backend("cpu"):
+        with fastcnn.trace() as t:
+            first = fused(x)
+        planned = [fused(x) for _ in range(2)]
+    assert t.kernels("inception") == {f"cpu:onednn+cat ({variant} 1x1s)"}
+    assert block_calls and all(block_calls), "the planned calls ran the C++ block call"
+    for out in (first, *planned):
+        assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+        torch.testing.assert_close(out.double(), expected, rtol=4e-2, atol=4e-2)

@@ -44,12 +44,13 @@ def test_output_size_matches_torch():
             assert pool.output_size(size, kernel, stride, padding, ceil) == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stride", [2, 1])  # the direct and the two-pass kernel
-def test_nan_wins_as_in_torch(stride):
+def test_nan_wins_as_in_torch(stride, dtype):
     x = torch.randn(1, 19, 6, 6)
-    x[0, 3, 2, 2] = float("nan")
+    x[0, 3, 2, 2] = float("nan")  # in a vector (16 lanes: fp32, and bf16/fp16 compared as fp32)
     x[0, 18, 0, 0] = float("nan")  # in the scalar tail
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     got = pool.max_pool2d(x, 3, stride, 0, True)
     expected = F.max_pool2d(x, 3, stride, 0, ceil_mode=True)
     torch.testing.assert_close(got, expected, equal_nan=True)

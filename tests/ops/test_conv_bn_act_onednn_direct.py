@@ -49,6 +49,59 @@ def test_direct_convs_match_the_reference_without_torch_ops(monkeypatch, groups,
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+needs_bf16 = pytest.mark.skipif(
+    not onednn.supports(torch.bfloat16),
+    reason="oneDNN runs no bf16 convolutions on this CPU (AVX-512 or native bf16 needed)",
+)
+
+
+@needs_direct
+@needs_bf16
+@pytest.mark.parametrize("residual", ["none", "channels_last", "in_place"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bf16_convs_take_the_direct_path_and_match_the_reference(monkeypatch, residual, relu):
+    """bf16 in, bf16 out, fp32 accumulation with the post-ops applied before the one rounding:
+    within bf16's tolerance of a float64 reference of the same bf16 inputs; primitives kept."""
+    x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.bfloat16, "cpu", batch=3)
+    r = None
+    if residual != "none":
+        r = random_tensor((3, 20, 9, 7), torch.float32, "cpu", channels_last=True, seed=5)
+        r = r.to(torch.bfloat16)
+    expected = conv_reference64(x, weight, bias, 1, 1, r, relu=relu)
+    monkeypatch.setattr(onednn, "_mkldnn", _NoTorchOps())
+    assert onednn.direct(x)
+    made = []
+    for _ in range(2):
+        dest = r.clone() if r is not None else None
+        y = _conv(x, weight, bias, (1, 1), (1, 1), dest, relu, residual == "in_place")
+        made.append(_ext.onednn_conv_cached())
+    assert made[0] == made[1]  # the second call made no primitive
+    assert_matches(y, expected, torch.bfloat16)
+    if r is not None:
+        assert (y.data_ptr() == dest.data_ptr()) == (residual == "in_place")
+
+
+@needs_direct
+@needs_bf16
+def test_bf16_without_native_instructions_says_it_is_emulated(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
+    x, weight, bias = random_conv_inputs(12, 20, 1, 9, 7, torch.bfloat16, "cpu")
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        y = _conv(x, weight, bias, (1, 1), (0, 0), None, True)
+    assert_matches(y, conv_reference64(x, weight, bias, 1, 0), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "cap, native", [("", True), ("AVX512_CORE", False), ("avx2", False), ("AVX512_CORE_AMX", True)]
+)
+def test_an_isa_cap_below_bf16_makes_it_emulated(monkeypatch, cap, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert onednn.native_bf16() == native
+
+
 @needs_direct
 def test_a_residual_in_another_layout_is_copied_then_added():
     x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu")
