@@ -229,6 +229,16 @@ COLUMNS = {
         ("logits SQNR dB", "{sqnr_db:.1f}"),
         ("int8 convs", "{int8_convs}/{convs}"),
     ],
+    "bf16_accuracy": [
+        ("model", "{model}"),
+        ("data", "{data}"),
+        ("fp32 top-1 %", "{fp32_top1:.2f}"),
+        ("bf16 top-1 %", "{bf16_top1:.2f}"),
+        ("points lost", "{points_lost:.2f}"),
+        ("agreement %", "{agreement:.2f}"),
+        ("logits SQNR dB", "{sqnr_db:.1f}"),
+        ("logits rel. error", "{rel_error:.1e}"),
+    ],
     "measurements": [
         ("model", "{model}"),
         ("batch", "{batch}"),
