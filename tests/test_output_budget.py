@@ -128,3 +128,38 @@ def _budget_in_subprocess(env: dict) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def test_an_owner_collected_while_the_budget_is_locked_does_not_deadlock(budget, monkeypatch):
+    """A Recycled that only a reference cycle holds dies when the garbage collector runs, and
+    that may be inside the budget's lock (any allocation there can start a collection): its
+    weak reference's callback must not wait for that lock. The collection is made to happen
+    there (while keep() makes its weak reference); run in a thread, so a deadlock fails the
+    test instead of hanging it."""
+    import gc
+    import threading
+
+    def collecting_ref(*args):
+        gc.collect()  # as an allocation in the lock may start one
+        return real_ref(*args)
+
+    def serve() -> None:
+        cycle: list = []
+        cycle.append(cycle)
+        cycle.append(_buffers(1)[0])
+        _serve(cycle[1:], 1)  # kept: its weak reference is in the budget
+        del cycle  # unreachable now, freed only by a collection
+        monkeypatch.setattr(alloc.weakref, "ref", collecting_ref)
+        _serve(alive, 1)
+
+    real_ref, alive = alloc.weakref.ref, _buffers(1)
+    gc.disable()  # no collection but the one in the lock
+    try:
+        worker = threading.Thread(target=serve, daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+    finally:
+        gc.enable()
+    assert not worker.is_alive(), "deadlocked: a weak reference callback waited for the lock"
+    monkeypatch.undo()
+    assert budget.total == 4 * _FLOATS  # the dead owner's bytes given back, the new one's kept

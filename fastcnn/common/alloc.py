@@ -76,31 +76,52 @@ class KeptOutputs:
         self._lru: collections.OrderedDict[int, tuple[weakref.ref, int, int]] = (
             collections.OrderedDict()
         )
-        self.total = 0
+        self._total = 0
         self.calls = 0  # planned calls, all owners together: the clock of "last use"
         self._lock = threading.Lock()
+        # (key, weak reference) of owners that died, dropped from _lru under the lock by the
+        # next call: a weak reference's callback runs wherever the garbage collector runs, and
+        # that may be this thread inside the lock (any allocation there can start a
+        # collection), so it takes no lock itself: list.append is atomic
+        self._dead: list[tuple[int, weakref.ref]] = []
+
+    @property
+    def total(self) -> int:
+        """Bytes kept now."""
+        with self._lock:
+            self._drop_dead()
+            return self._total
+
+    def _drop_dead(self) -> None:  # under the lock
+        while self._dead:
+            key, ref = self._dead.pop()
+            entry = self._lru.get(key)
+            if entry is not None and entry[0] is ref:  # not a new owner at a reused id
+                del self._lru[key]
+                self._total -= entry[1]
 
     def keep(self, owner: Recycled, nbytes: int) -> bool:
         """owner asks to keep nbytes, now. False (owner keeps nothing) when they do not fit
         the budget beside the outputs in recent use."""
         victims = []
         with self._lock:
+            self._drop_dead()
             self.calls += 1
             _, old, _ = self._lru.pop(id(owner), (None, 0, 0))
-            self.total -= old
+            self._total -= old
             unused_before = self.calls - RECENT_CALLS
-            while self.total + nbytes > self.budget and self._lru:
+            while self._total + nbytes > self.budget and self._lru:
                 key, (ref, size, used) = next(iter(self._lru.items()))
                 if used > unused_before:
                     break  # the least recently used is in recent use: so are all the others
                 del self._lru[key]
-                self.total -= size
+                self._total -= size
                 victims.append(ref())
-            fits = self.total + nbytes <= self.budget
+            fits = self._total + nbytes <= self.budget
             if fits:
                 self._lru[id(owner)] = (weakref.ref(owner, self._died(id(owner))), nbytes,
                                         self.calls)  # fmt: skip
-                self.total += nbytes
+                self._total += nbytes
         _drop(victims)
         return fits
 
@@ -108,9 +129,10 @@ class KeptOutputs:
         """Drop the least recently used outputs until the total is within the budget."""
         victims = []
         with self._lock:
-            while self.total > self.budget and self._lru:
+            self._drop_dead()
+            while self._total > self.budget and self._lru:
                 _, (ref, size, _) = self._lru.popitem(last=False)
-                self.total -= size
+                self._total -= size
                 victims.append(ref())
         _drop(victims)
 
@@ -123,16 +145,13 @@ class KeptOutputs:
 
     def forget(self, owner: Recycled) -> None:
         with self._lock:
+            self._drop_dead()
             _, size, _ = self._lru.pop(id(owner), (None, 0, 0))
-            self.total -= size
+            self._total -= size
 
     def _died(self, key: int):
         def forget(ref):
-            with self._lock:
-                entry = self._lru.get(key)
-                if entry is not None and entry[0] is ref:
-                    del self._lru[key]
-                    self.total -= entry[1]
+            self._dead.append((key, ref))
 
         return forget
 
