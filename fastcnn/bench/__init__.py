@@ -61,14 +61,12 @@ def winograd_factor(provider: str, device: str, dtype: torch.dtype) -> float:
 # --preset cpu: fastcnn against the runtimes CPU users pick (eager channels_last, Inductor with
 # freezing, OpenVINO, ONNX Runtime) at batch 1 and 8, 2 threads, each provider in 3 processes of
 # its own (see fastcnn/bench/isolated.py).
+_CPU_COMPARISON = dict(device="cpu", model="resnet50,googlenet", batch="1,8", threads=2)
 PRESETS = {
     "cpu": dict(
-        device="cpu",
-        model="resnet50,googlenet",
-        batch="1,8",
+        _CPU_COMPARISON,
         dtype="float32",
         iters=12,
-        threads=2,
         processes=3,
         providers="eager-cl,compile,openvino,openvino-default,onnxruntime,fastcnn-cpu",
     ),
@@ -76,23 +74,17 @@ PRESETS = {
 # --precision int8: fastcnn.quantize against the int8 peers (fastcnn/bench/int8.py), with
 # fastcnn's own fp32 first as the reference (int8 outputs are checked against it loosely).
 INT8 = dict(
-    device="cpu",
-    model="resnet50,googlenet",
-    batch="1,8",
+    _CPU_COMPARISON,
     dtype="float32",
     iters=10,
-    threads=2,
     providers="fastcnn-cpu,fastcnn-int8,compile-int8,openvino-int8,onnxruntime-int8",
 )
 # --precision bf16: a bf16 model (fastcnn, Inductor, eager) against OpenVINO running bf16 and
 # with its defaults (bf16 where the CPU has native bf16), checked against the fp32 model.
 BF16 = dict(
-    device="cpu",
-    model="resnet50,googlenet",
-    batch="1,8",
+    _CPU_COMPARISON,
     dtype="bfloat16",
     iters=12,
-    threads=2,
     processes=3,
     providers="eager-cl,compile,openvino-bf16,openvino-default,fastcnn-cpu",
 )
