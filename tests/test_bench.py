@@ -260,3 +260,18 @@ def test_cpu_breakdown_sums_the_convolutions_of_the_timed_forwards():
         conv.format(100.0),
     ])  # fmt: skip
     assert breakdown._verbose_conv_ms(log, calls=2) == (2.0, 2.0)
+
+
+def test_peers_running_a_precision_of_their_own_are_checked_at_that_precision():
+    """OpenVINO's default runs bf16 on CPUs with native bf16, even in an fp32 run: it is checked
+    with bf16's tolerance there (and timed), the fp32 peers with fp32's."""
+    import torch
+
+    from fastcnn.bench.measure import INT8_MATCH_TOLERANCE, MATCH_TOLERANCE, tolerance_for
+
+    fp32, bf16 = MATCH_TOLERANCE[torch.float32], MATCH_TOLERANCE[torch.bfloat16]
+    assert tolerance_for("openvino", torch.float32) == fp32
+    assert tolerance_for("fastcnn-cpu", torch.float32) == fp32
+    assert tolerance_for("openvino-default", torch.float32) == bf16
+    assert tolerance_for("openvino-bf16", torch.bfloat16) == bf16
+    assert tolerance_for("fastcnn-int8", torch.float32) == INT8_MATCH_TOLERANCE

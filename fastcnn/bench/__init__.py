@@ -21,9 +21,9 @@ import torch
 
 from fastcnn.bench import peers
 from fastcnn.bench.isolated import Job, omp_wait_policy, run_in_processes
-from fastcnn.bench.measure import DTYPES, INT8_MATCH_TOLERANCE, make_timer, model_input
+from fastcnn.bench.measure import DTYPES, make_timer, model_input, precision_tolerance
 from fastcnn.bench.ops import OPS
-from fastcnn.bench.providers import PROVIDERS, build, make_model
+from fastcnn.bench.providers import PROVIDERS, build, make_model, source_model
 from fastcnn.bench.results import ResultFile, time_interleaved
 from fastcnn.cpu import winograd
 
@@ -243,7 +243,7 @@ def _workloads(args, dtype, build_s: dict):
         for provider in args.provider_list:
             start = time.perf_counter()
             try:
-                built[provider] = build(provider, model, example)
+                built[provider] = build(provider, source_model(provider, model, name), example)
             except Exception as exc:  # e.g. a backend that cannot run here: report, go on
                 built[provider] = exc
             build_s[(name, provider)] = time.perf_counter() - start
@@ -359,10 +359,12 @@ def _measure_group(args, name, built, make_input, reference, batch, dtype, build
         row["max_rel_error"] = (y - expected).abs().max().item() / scale
         if tolerance is None:  # the baseline (eager by default): its own rounding error
             tolerance = match_tolerance(dtype, row["max_rel_error"])
-        # int8 outputs are limited by their quantization (SQNR), not by rounding: checked loosely
+        # int8 outputs are limited by their quantization (SQNR), not by rounding, and a peer
+        # running bf16 by its own choice by bf16's rounding: checked as loosely as those
         limit = tolerance * winograd_factor(provider, args.device, dtype)
-        if provider.endswith("-int8"):
-            limit = INT8_MATCH_TOLERANCE
+        own = precision_tolerance(provider)
+        if own is not None:
+            limit = max(limit, own)
         if not row["max_rel_error"] <= limit:
             row["status"] = f"output differs from the reference by more than {limit:.1e}: not timed"
             continue

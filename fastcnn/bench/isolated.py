@@ -63,7 +63,7 @@ class Job:
 def measure(job: Job) -> list[dict]:
     """In this process: one row per batch of job (see the module docstring)."""
     from fastcnn.bench.measure import DTYPES, first_call, make_timer, model_input, tolerance_for
-    from fastcnn.bench.providers import build, make_model
+    from fastcnn.bench.providers import build, make_model, source_model
     from fastcnn.bench.results import time_samples
 
     if job.threads:
@@ -75,7 +75,7 @@ def measure(job: Job) -> list[dict]:
         example = model_input(1, "eager", job.size, dtype, "cpu")
         start = time.perf_counter()
         try:
-            fn = build(job.provider, model, example)
+            fn = build(job.provider, source_model(job.provider, model, job.model), example)
         except Exception as exc:
             fn = exc
         build_s = time.perf_counter() - start

@@ -49,6 +49,17 @@ def make_model(name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return randomize_batchnorm(model).eval().to(device, dtype)
 
 
+def source_model(provider: str, model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The model `provider` is built from: the run's model (make_model's in the run's dtype),
+    except for the OpenVINO and ONNX Runtime peers in a run that is not fp32: they take the fp32
+    model, as their users convert it, and run the precision they are told (the same seeded
+    weights, not rounded to the run's dtype first)."""
+    fp32 = all(p.dtype == torch.float32 for p in model.parameters())
+    if provider not in peers.PEERS or fp32:
+        return model
+    return make_model(name, torch.float32, next(model.parameters()).device.type)
+
+
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """model with random BatchNorm running statistics (in place), so folding them matters."""
     g = torch.Generator().manual_seed(seed)
