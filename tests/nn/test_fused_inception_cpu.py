@@ -123,21 +123,14 @@ def test_strided_biases_give_the_dense_biases_result(backend):
     assert torch.equal(strided_out, dense_out)
 
 
-@pytest.mark.parametrize("variant", inception.VARIANTS)
-def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch, onednn_direct):
-    """3x3 branch convs wide enough for Winograd (fastcnn.cpu.winograd) take it on the first,
-    per-conv call (recorded in the trace) and in the planned C++ block call after it."""
-    monkeypatch.setitem(winograd._state, "enabled", True)
-    torch.manual_seed(0)
-    block = randomize_batchnorm(Inception(32, 16, 16, 24, 16, 20, 8), seed=1).eval()
-    fused = fastcnn.nn.FusedInception.from_module(block)
-    x = random_tensor((2, 32, 8, 9), torch.float32, "cpu", channels_last=True, seed=3)
-    monkeypatch.setattr(inception, "_choose", lambda run: variant)
-    ext, block_calls = onednn_direct, []
-    block_call = ext.onednn_inception
+def _traced_then_planned(fused, x, monkeypatch, ext, check=lambda args: None):
+    """fused(x) once traced (the per-conv path), then twice untraced (the planned C++ block
+    call, each call's arguments passed to check): (trace, first output, planned outputs, the
+    block calls' results, the float64 reference)."""
+    block_calls, block_call = [], ext.onednn_inception
 
     def counted(*a):
-        assert any(layout < -1 for layout in a[2]), "no Winograd pack among the block's convs"
+        check(a)
         block_calls.append(block_call(*a))
         return block_calls[-1]
 
@@ -148,6 +141,26 @@ def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch,
         with fastcnn.trace() as t:
             first = fused(x)
         planned = [fused(x) for _ in range(2)]  # untraced calls run the plan
+    return t, first, planned, block_calls, expected
+
+
+@pytest.mark.parametrize("variant", inception.VARIANTS)
+def test_winograd_kxk_convs_per_conv_and_in_the_block_call(variant, monkeypatch, onednn_direct):
+    """3x3 branch convs wide enough for Winograd (fastcnn.cpu.winograd) take it on the first,
+    per-conv call (recorded in the trace) and in the planned C++ block call after it."""
+    monkeypatch.setitem(winograd._state, "enabled", True)
+    torch.manual_seed(0)
+    block = randomize_batchnorm(Inception(32, 16, 16, 24, 16, 20, 8), seed=1).eval()
+    fused = fastcnn.nn.FusedInception.from_module(block)
+    x = random_tensor((2, 32, 8, 9), torch.float32, "cpu", channels_last=True, seed=3)
+    monkeypatch.setattr(inception, "_choose", lambda run: variant)
+
+    def winograd_packed(a):
+        assert any(layout < -1 for layout in a[2]), "no Winograd pack among the block's convs"
+
+    t, first, planned, block_calls, expected = _traced_then_planned(
+        fused, x, monkeypatch, onednn_direct, winograd_packed
+    )
     assert t.kernels("inception") == {f"cpu:onednn+cat ({variant} 1x1s, winograd 3x3s)"}
     assert block_calls and all(block_calls), "the planned calls ran the C++ block call"
     for out in (first, *planned):
@@ -166,20 +179,9 @@ def test_bf16_blocks_run_the_block_call_within_bf16s_tolerance(variant, monkeypa
     x = random_tensor((2, 19, 7, 9), torch.float32, "cpu", channels_last=True, seed=3)
     x = x.to(torch.bfloat16)
     monkeypatch.setattr(inception, "_choose", lambda run: variant)
-    ext, block_calls = onednn_direct, []
-    block_call = ext.onednn_inception
-
-    def counted(*a):
-        block_calls.append(block_call(*a))
-        return block_calls[-1]
-
-    monkeypatch.setattr(ext, "onednn_inception", counted)
-    args = [a.double() if isinstance(a, torch.Tensor) else a for a in _args(fused)]
-    expected = reference.inception(x.double(), *args)
-    with torch.no_grad(), fastcnn.use_backend("cpu"):
-        with fastcnn.trace() as t:
-            first = fused(x)
-        planned = [fused(x) for _ in range(2)]
+    t, first, planned, block_calls, expected = _traced_then_planned(
+        fused, x, monkeypatch, onednn_direct
+    )
     assert t.kernels("inception") == {f"cpu:onednn+cat ({variant} 1x1s)"}
     assert block_calls and all(block_calls), "the planned calls ran the C++ block call"
     for out in (first, *planned):
