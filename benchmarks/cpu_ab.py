@@ -7,6 +7,8 @@ alike (separate processes on a shared VM differ by up to 20%).
   linear    fastcnn.nn.Linear (oneDNN, prepacked weight) / off: nn.Linear's forward (aten)
   winograd  3x3 convs as Winograd F(4x4, 3x3) where fastcnn.cpu.winograd chooses it / off:
             every conv through oneDNN's direct kernels
+  int8-direct  a fastcnn.quantize'd model's int8 convs through the extension's own oneDNN
+            primitives (fastcnn.cpu.int8's direct path) / off: torch's quantized conv ops
 
     python benchmarks/cpu_ab.py --switch linear --out benchmarks/results/DIR/cpu_ab_linear.json
 
@@ -18,18 +20,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import fastcnn
+from fastcnn.bench.int8 import calibration_batches
 from fastcnn.bench.measure import model_input
 from fastcnn.bench.providers import make_model
 from fastcnn.bench.results import ResultFile, time_samples
 from fastcnn.common import alloc
-from fastcnn.cpu import winograd
+from fastcnn.cpu import int8, winograd
 
 
 @contextlib.contextmanager
@@ -73,19 +77,46 @@ def _winograd(on: list[bool]) -> Iterator[None]:
         winograd.enabled = enabled
 
 
-SWITCHES = {  # name -> (what it compares, a context manager switching it by on[0])
-    "recycled": ("recycled outputs / fresh outputs", _recycled),
-    "linear": ("fastcnn.nn.Linear (prepacked) / nn.Linear", _linear),
-    "winograd": ("Winograd F(4x4, 3x3) / oneDNN direct 3x3 convs", _winograd),
+def _optimized(model: nn.Module, x: torch.Tensor, on: list[bool]) -> nn.Module:
+    return fastcnn.optimize(model.to(memory_format=torch.channels_last))
+
+
+def _int8_direct(model: nn.Module, x: torch.Tensor, on: list[bool]) -> Callable:
+    """Two fastcnn.quantize'd copies of the model, called by on[0]: one whose plans run the
+    direct primitives, one planned while the direct path was hidden (torch's ops, for good)."""
+    batches = calibration_batches(x)
+    direct = fastcnn.quantize(model, batches, backend="cpu")
+    torch_ops = fastcnn.quantize(model, batches, backend="cpu")
+    found = int8.direct_extension
+    int8.direct_extension = lambda: None
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_ops(x)  # plans every conv for x
+    finally:
+        int8.direct_extension = found
+    return lambda x: direct(x) if on[0] else torch_ops(x)
+
+
+# name -> (what it compares, a context manager switching it by on[0], the model it runs)
+SWITCHES = {
+    "recycled": ("recycled outputs / fresh outputs", _recycled, _optimized),
+    "linear": ("fastcnn.nn.Linear (prepacked) / nn.Linear", _linear, _optimized),
+    "winograd": ("Winograd F(4x4, 3x3) / oneDNN direct 3x3 convs", _winograd, _optimized),
+    "int8-direct": (
+        "direct oneDNN int8 primitives / torch's quantized conv ops (fastcnn.quantize)",
+        lambda on: contextlib.nullcontext(),
+        _int8_direct,
+    ),
 }
 
 
 def _ab(switch: str, model_name: str, batch: int, calls: int) -> dict:
     model = make_model(model_name, torch.float32, "cpu")
     x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
-    fused = fastcnn.optimize(model.to(memory_format=torch.channels_last))
-    what, switched = SWITCHES[switch]
+    what, switched, build = SWITCHES[switch]
     on = [True]
+    fused = build(model, x, on)
 
     def forward(state: bool):
         def call():

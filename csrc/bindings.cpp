@@ -25,6 +25,19 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
                  const std::optional<at::Tensor>& residual, const at::Tensor& out,
                  at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups, bool relu);
 size_t onednn_conv_cached();
+// cpu/onednn_qconv.cpp
+int64_t onednn_qconv_layout(at::IntArrayRef x_sizes, at::IntArrayRef w, at::IntArrayRef stride,
+                            at::IntArrayRef padding, bool src_zp);
+std::tuple<at::Tensor, int64_t> onednn_qconv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  bool src_zp);
+bool onednn_qconv(const at::Tensor& x, double x_scale, int64_t x_zp,
+                  const at::Tensor& packed_weight, int64_t packed_layout, at::IntArrayRef w,
+                  const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                  bool sum_residual, double r_scale, int64_t r_zp, const at::Tensor& out,
+                  at::IntArrayRef stride, at::IntArrayRef padding, bool relu, double out_scale,
+                  int64_t out_zp);
+size_t onednn_qconv_cached();
 // cpu/onednn_inception.cpp
 bool onednn_inception(const at::Tensor& x, const std::vector<at::Tensor>& packed,
                       const std::vector<int64_t>& layouts,
@@ -100,6 +113,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);
+  m.def("onednn_qconv_layout", &fastcnn::onednn_qconv_layout,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("onednn_qconv_pack", &fastcnn::onednn_qconv_pack,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("onednn_qconv", &fastcnn::onednn_qconv,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("onednn_qconv_cached", &fastcnn::onednn_qconv_cached);
   m.def("onednn_inception", &fastcnn::onednn_inception,
         pybind11::call_guard<pybind11::gil_scoped_release>());
 #endif

@@ -25,9 +25,59 @@
 #include "winograd_conv.h"
 
 namespace fastcnn {
-namespace {
 
 using dnnl::memory;
+
+// t's layout as oneDNN matches it: a dense channels_last or NCHW tensor by its format tag (a
+// size-1 dim's stride is arbitrary in torch, while oneDNN compares every stride), any other
+// (a channel slice) by its strides.
+memory::desc strided(const at::Tensor& t, memory::data_type type) {
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return memory::desc(t.sizes().vec(), type, memory::format_tag::nhwc);
+  }
+  if (t.is_contiguous()) {
+    return memory::desc(t.sizes().vec(), type, memory::format_tag::abcd);
+  }
+  return memory::desc(t.sizes().vec(), type, t.strides().vec());
+}
+
+memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
+                         at::IntArrayRef padding) {
+  return {x[0], w[0], (x[2] + 2 * padding[0] - w[2]) / stride[0] + 1,
+          (x[3] + 2 * padding[1] - w[3]) / stride[1] + 1};
+}
+
+// Reference and gemm-based kernels are far slower than torch's path (which copies a strided
+// input to a dense one first): only the optimized convolution kernels are taken.
+bool optimized(const std::string& impl) {
+  return impl.find("ref") == std::string::npos && impl.find("gemm") == std::string::npos;
+}
+
+// Every packed weight layout seen, by id (the index): a handful per model, never removed, so an
+// id stays valid for the life of the process. Shared by every direct conv (fp32, bf16, int8).
+namespace {
+std::mutex layouts_mutex;
+std::vector<memory::desc> layouts;
+}  // namespace
+
+int64_t layout_id(const memory::desc& desc) {
+  std::lock_guard<std::mutex> lock(layouts_mutex);
+  for (size_t i = 0; i < layouts.size(); ++i) {
+    if (layouts[i] == desc) return static_cast<int64_t>(i);
+  }
+  layouts.push_back(desc);
+  return static_cast<int64_t>(layouts.size() - 1);
+}
+
+memory::desc layout(int64_t id) {
+  std::lock_guard<std::mutex> lock(layouts_mutex);
+  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < layouts.size(),
+              "fastcnn onednn_conv: unknown packed weight layout ", id);
+  return layouts[id];
+}
+
+namespace {
+
 using Key = OnednnKey;
 
 // A cached primitive; prim is null where oneDNN offers no optimized kernel for the layout
@@ -58,19 +108,6 @@ memory::data_type data_type(at::ScalarType type) {
 
 memory::data_type data_type(const at::Tensor& t) { return data_type(t.scalar_type()); }
 
-// t's layout as oneDNN matches it: a dense channels_last or NCHW tensor by its format tag (a
-// size-1 dim's stride is arbitrary in torch, while oneDNN compares every stride), any other
-// (a channel slice) by its strides.
-memory::desc strided(const at::Tensor& t, memory::data_type type) {
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return memory::desc(t.sizes().vec(), type, memory::format_tag::nhwc);
-  }
-  if (t.is_contiguous()) {
-    return memory::desc(t.sizes().vec(), type, memory::format_tag::abcd);
-  }
-  return memory::desc(t.sizes().vec(), type, t.strides().vec());
-}
-
 // The weight as oneDNN sees it: [G, O/G, I/G, KH, KW] for grouped convs, read through its own
 // strides (fastcnn keeps weights channels_last).
 memory::desc weight_view(const at::Tensor& w, int64_t groups, memory::data_type type) {
@@ -83,12 +120,6 @@ memory::desc weight_view(const at::Tensor& w, int64_t groups, memory::data_type 
 memory::dims weight_dims(at::IntArrayRef w, int64_t groups) {
   if (groups == 1) return w.vec();
   return {groups, w[0] / groups, w[1], w[2], w[3]};
-}
-
-memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
-                         at::IntArrayRef padding) {
-  return {x[0], w[0], (x[2] + 2 * padding[0] - w[2]) / stride[0] + 1,
-          (x[3] + 2 * padding[1] - w[3]) / stride[1] + 1};
 }
 
 // The packed weight layout for a conv of these shapes: the one oneDNN picks for dense
@@ -109,35 +140,8 @@ memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArr
   return pd.weights_desc();
 }
 
-// Reference and gemm-based kernels are far slower than torch's path (which copies a strided
-// input to a dense one first): only the optimized convolution kernels are taken.
-bool optimized(const std::string& impl) {
-  return impl.find("ref") == std::string::npos && impl.find("gemm") == std::string::npos;
-}
-
 std::mutex cache_mutex;
 std::unordered_map<Key, std::shared_ptr<const Conv>, OnednnKeyHash> cache;
-
-// Every packed weight layout seen, by id (the index): a handful per model, never removed, so an
-// id stays valid for the life of the process.
-std::mutex layouts_mutex;
-std::vector<memory::desc> layouts;
-
-int64_t layout_id(const memory::desc& desc) {
-  std::lock_guard<std::mutex> lock(layouts_mutex);
-  for (size_t i = 0; i < layouts.size(); ++i) {
-    if (layouts[i] == desc) return static_cast<int64_t>(i);
-  }
-  layouts.push_back(desc);
-  return static_cast<int64_t>(layouts.size() - 1);
-}
-
-memory::desc layout(int64_t id) {
-  std::lock_guard<std::mutex> lock(layouts_mutex);
-  TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < layouts.size(),
-              "fastcnn onednn_conv: unknown packed weight layout ", id);
-  return layouts[id];
-}
 
 std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& weights,
                                       at::IntArrayRef w, bool has_bias,

@@ -1,6 +1,16 @@
-"""int8 conv + bias (+ residual) (+ ReLU) + requantize on the CPU: torch's oneDNN quantized conv
-ops, as Inductor's x86 int8 path runs them (torch.ops.onednn.qconv_pointwise, and its binary
-"sum" variant for the residual, which writes into the residual's buffer).
+"""int8 conv + bias (+ residual) (+ ReLU) + requantize on the CPU as ONE oneDNN primitive. Two
+ways to reach oneDNN, as for fp32 (fastcnn.cpu.onednn):
+
+  direct: the extension's own oneDNN calls (csrc/cpu/onednn_qconv.cpp): primitives made once per
+          shape and kept, scales and zero points passed per call, the weight packed once per
+          layout (shared by every batch size whose layout agrees), the output written through
+          its strides (a channel slice of a concat in place), the residual added as a sum
+          post-op over the output's buffer.
+  torch:  torch's oneDNN quantized conv ops, as Inductor's x86 int8 path runs them
+          (torch.ops.onednn.qconv_pointwise, and its binary "sum" variant for the residual),
+          which make a primitive descriptor, scratchpad and output on every call. Where the
+          extension was built without the oneDNN library (noted), or oneDNN has no optimized
+          direct kernel for the strides (noted).
 
 oneDNN picks its kernel for the CPU at run time: AMX tiles (Sapphire Rapids and later), AVX-512
 VNNI (vpdpbusd, Cascade Lake and later), AVX-VNNI, else AVX2/AVX-512 without VNNI, and less
@@ -24,8 +34,10 @@ from fastcnn import _backend, _extension, _trace
 from fastcnn.common import alloc
 from fastcnn.common.dispatch import can_skip_dispatcher
 from fastcnn.common.env import onednn_isa_cap
+from fastcnn.common.shapes import output_shape, strides_of
 from fastcnn.common.weight_cache import WeightCache
 from fastcnn.common.weight_cache import signature as weight_signature
+from fastcnn.cpu import onednn
 
 _onednn = torch.ops.onednn
 # The overloads themselves: resolving a packet's overload costs microseconds on every call.
@@ -75,19 +87,29 @@ PROBE_CHANNELS = 64
 @functools.cache
 @torch.compiler.disable  # run once for real, never traced into a graph
 def pairs_saturate() -> bool:
-    """Does the int8 conv kernel oneDNN runs here saturate u8 x s8 pair sums? The CPU's flags
+    """Does an int8 conv kernel oneDNN runs here saturate u8 x s8 pair sums? The CPU's flags
     do not say: ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA (or a oneDNN that lacks the CPU's ISA)
-    make it run a kernel without VNNI on a CPU with VNNI. Probed once: a 1x1 conv of 255s
-    with 127s over PROBE_CHANNELS channels sums 255 * 127 * 64 exactly with VNNI or AMX, and
-    half of that (32 pair sums saturated at 32767) without."""
+    make it run a kernel without VNNI on a CPU with VNNI. Probed once on each oneDNN int8
+    convs can run on (torch's, and the extension's direct one: two libraries): a 1x1 conv of
+    255s with 127s over PROBE_CHANNELS channels sums 255 * 127 * 64 exactly with VNNI or AMX,
+    and half of that (32 pair sums saturated at 32767) without."""
     c = PROBE_CHANNELS
     x = torch.full((1, c, 1, 1), 255, dtype=torch.uint8).contiguous(memory_format=_CL)
-    w = torch.full((1, c, 1, 1), 127, dtype=torch.int8)
+    w = torch.full((1, c, 1, 1), 127, dtype=torch.int8).contiguous(memory_format=_CL)
     ws, zps = torch.ones(1), torch.zeros(1, dtype=torch.long)
+    exact = 255 * 127 * c
     packed = _onednn.qconv_prepack(w, ws, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, [1, c, 1, 1])
     y = _qconv(x, 1.0, 0, packed, ws, zps, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
                torch.float32, "none", [], "")  # fmt: skip
-    return y.item() != 255 * 127 * c
+    if y.item() != exact:
+        return True
+    ext = direct_extension()
+    if ext is None:
+        return False
+    # a uint8 output cannot hold the sum: divided by 2**13 (253 exact, 128 saturated)
+    out = torch.empty(1, 1, 1, 1, dtype=torch.uint8)
+    ran = _direct(ext, x, 1.0, 0, w, ws, None, (1, 1), (0, 0), False, 8192.0, 0, out)
+    return ran and out.item() != round(exact / 8192)
 
 
 @functools.cache
@@ -167,32 +189,107 @@ def _weight_zero_points(c_out: int) -> torch.Tensor:
     return zp
 
 
+def direct_extension():
+    """The extension when it runs int8 convs on its own oneDNN (onednn_qconv), else None
+    (fastcnn.cpu.onednn notes why once)."""
+    ext = onednn.linked_extension()
+    return ext if ext is not None and hasattr(ext, "onednn_qconv") else None
+
+
+# Direct packs per (weight, layout): scales are passed per call, so a pack depends on the
+# weight's values alone (and, through its layout, on whether the input has a zero point).
+_direct_packs = WeightCache()
+
+
+@functools.lru_cache(maxsize=4096)
+def _direct_layout(x_shape, w_shape, stride, padding, src_zp: bool, threads: int) -> int:
+    """The id of the layout oneDNN packs this conv's weight in at this thread count (asked of
+    oneDNN once per conv shape and count)."""
+    return direct_extension().onednn_qconv_layout(x_shape, w_shape, stride, padding, src_zp)
+
+
+def direct_pack(weight, x_shape, stride, padding, src_zp: bool) -> tuple[torch.Tensor, int]:
+    """(weight packed for the direct int8 conv, its layout id), made once per weight version
+    and layout: every batch size whose layout agrees shares it."""
+    stride, padding, shape = tuple(stride), tuple(padding), tuple(x_shape)
+    layout = _direct_layout(shape, tuple(weight.shape), stride, padding, src_zp,
+                            torch.get_num_threads())  # fmt: skip
+    return _cached_direct_pack(weight, shape, stride, padding, src_zp, layout)
+
+
+def _cached_direct_pack(weight, shape, stride, padding, src_zp, layout) -> tuple[torch.Tensor, int]:
+    def pack():
+        packed, made = direct_extension().onednn_qconv_pack(weight, shape, stride, padding, src_zp)
+        if made != layout:  # the key would file it under another layout's pack
+            raise RuntimeError(f"fastcnn: int8 weight packed in layout {made}, {layout} expected")
+        return packed, made
+
+    return _direct_packs.get(weight, weight_signature(weight), ("direct", layout), pack)
+
+
+def _direct(ext, x, xs, xz, weight, ws, bias, stride, padding, relu, os_, oz, out,
+            sum_residual=False, rs=1.0, rz=0) -> bool:  # fmt: skip
+    """The direct int8 conv into out (holding the residual where sum_residual); False, out
+    untouched, where oneDNN has no optimized kernel for these strides."""
+    packed, layout = direct_pack(weight, x.shape, stride, padding, xz != 0)
+    return ext.onednn_qconv(x, xs, xz, packed, layout, weight.shape, ws, bias, sum_residual,
+                            rs, rz, out, stride, padding, relu, os_, oz)  # fmt: skip
+
+
+def _note_strides(x: torch.Tensor, out: torch.Tensor) -> None:
+    _backend.note_once(
+        ("qconv_bn_act", f"onednn-strides-{x.stride()}-{out.stride()}"),
+        f"fastcnn: oneDNN has no optimized int8 kernel for x strides {x.stride()} and output "
+        f"strides {out.stride()}: torch's quantized conv op runs it",
+    )
+
+
 def qconv_bn_act(
     x, x_scale, x_zp, weight, weight_scale, bias, stride, padding, residual, r_scale, r_zp,
     relu, out_scale, out_zp, accumulate_into: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The int8 op through oneDNN; returns a new uint8 tensor (channels_last), or with
-    accumulate_into (a channels_last uint8 tensor holding the residual's values) the result
-    written over it in place. A residual without accumulate_into is copied first."""
+    """The int8 op through oneDNN; returns a new uint8 tensor (channels_last), or out (without
+    a residual, where it is a dense channels_last tensor: oneDNN's int8 convs write no channel
+    slice, the caller copies into one), or with accumulate_into (a channels_last uint8 tensor
+    holding the residual's values) the result written over it in place. A residual without
+    accumulate_into is copied first."""
     x = x.contiguous(memory_format=torch.channels_last)
-    w = prepacked(weight, weight_scale, x_scale, x_zp, stride, padding, x.shape)
-    zps = _weight_zero_points(weight.shape[0])
-    st, pad, dil = list(stride), list(padding), [1, 1]
-    act = "relu" if relu else "none"
-    if residual is None:
-        return _qconv(
-            x, x_scale, x_zp, w, weight_scale, zps, bias, st, pad, dil, 1,
-            out_scale, out_zp, torch.uint8, act, [], "",
-        )  # fmt: skip
-    if accumulate_into is None:
+    if residual is not None and accumulate_into is None:
         accumulate_into = residual.contiguous(memory_format=torch.channels_last)
         if accumulate_into is residual:
             accumulate_into = residual.clone(memory_format=torch.channels_last)
+    ext = direct_extension()
+    if ext is not None:
+        if residual is not None:
+            y = accumulate_into
+        elif out is not None and out.is_contiguous(memory_format=_CL):
+            y = out  # oneDNN's int8 convs take dense tensors only: a slice gets a copy
+        else:
+            y = alloc.new_output(x, output_shape(x.shape, weight.shape, stride, padding, (1, 1)))
+        if _direct(ext, x, x_scale, x_zp, weight, weight_scale, bias, stride, padding, relu,
+                   out_scale, out_zp, y, residual is not None, r_scale, r_zp):  # fmt: skip
+            return y
+        _note_strides(x, y)
+    return _torch_qconv(x, x_scale, x_zp, weight, weight_scale, bias, stride, padding,
+                        accumulate_into, r_scale, r_zp, relu, out_scale, out_zp)  # fmt: skip
+
+
+def _torch_qconv(x, xs, xz, weight, ws, bias, stride, padding, accumulate_into, rs, rz, relu,
+                 os_, oz) -> torch.Tensor:  # fmt: skip
+    """torch's oneDNN int8 op: a new tensor, or the result over accumulate_into (the residual)."""
+    w = prepacked(weight, ws, xs, xz, stride, padding, x.shape)
+    zps = _weight_zero_points(weight.shape[0])
+    st, pad, dil = list(stride), list(padding), [1, 1]
+    act = "relu" if relu else "none"
+    if accumulate_into is None:
+        return _qconv(x, xs, xz, w, ws, zps, bias, st, pad, dil, 1, os_, oz, torch.uint8, act,
+                      [], "")  # fmt: skip
     # The op writes the result over accumulate_into and returns a copy of it (its schema must
     # not return an alias): the buffer it wrote is the result, the copy is dropped.
     _qconv_sum(
-        x, x_scale, x_zp, w, weight_scale, zps, accumulate_into, bias, st, pad, dil, 1,
-        out_scale, out_zp, torch.uint8, r_scale, r_zp, "sum", 1.0, act, [], "",
+        x, xs, xz, w, ws, zps, accumulate_into, bias, st, pad, dil, 1, os_, oz, torch.uint8,
+        rs, rz, "sum", 1.0, act, [], "",
     )  # fmt: skip
     return accumulate_into
 
@@ -203,41 +300,80 @@ def plan(
     """A plan for later calls like this one (same shapes and strides): run(x, residual, weight,
     weight_scale, bias, qparams) -> the uint8 result, or None when those are no longer the
     tensors and qparams planned for (take the op again). It records `events` (what the op
-    recorded for this call) and runs the one oneDNN primitive, with the weight packed for this
-    input shape (`prepacked`: repacked if its values changed; the plan itself holds no pack, so
-    memory stays within KEYS_PER_WEIGHT packs a weight). None where such calls must always
-    take the op (x not channels_last: the op converts it).
+    recorded for this call) and runs the one oneDNN primitive (the direct one where it runs
+    these strides), with the weight packed once per weight version (the plan itself holds no
+    pack). None where such calls must always take the op (x not channels_last: the op
+    converts it).
 
     qparams: ((x_scale, x_zp), (out_scale, out_zp), (residual_scale, residual_zp)).
     in_place: the residual's buffer becomes the result (it must be channels_last), else a copy
-    of the residual is made first (oneDNN's sum post-op overwrites its operand)."""
+    of the residual is made first (oneDNN's sum post-op overwrites its operand). Without a
+    residual the output's memory is recycled between calls (fastcnn.common.alloc.Recycled)."""
     if not x.is_contiguous(memory_format=_CL):
         return None
     if residual is not None and in_place and not residual.is_contiguous(memory_format=_CL):
         return None
     (xs, xz), (os_, oz), (rs, rz) = qparams
-    zps = _weight_zero_points(weight.shape[0])
-    st, pad, dil = list(stride), list(padding), [1, 1]
-    act = "relu" if relu else "none"
     events = tuple(events)
+    ext = direct_extension()
+    if ext is not None:
+        return _direct_plan(ext, x, weight, weight_scale, bias, stride, padding, relu, qparams,
+                            residual, in_place, events)  # fmt: skip
     record = _trace.record
 
     def run(x, residual, w, ws, b, q):
         if w is not weight or ws is not weight_scale or b is not bias or q != qparams:
             return None
-        packed = prepacked(w, ws, xs, xz, stride, padding, x.shape)
         for event in events:
             record(*event)
-        if residual is None:
-            return _qconv(
-                x, xs, xz, packed, ws, zps, b, st, pad, dil, 1, os_, oz, torch.uint8, act, [], ""
-            )
-        acc = residual if in_place else residual.clone(memory_format=_CL)
-        _qconv_sum(
-            x, xs, xz, packed, ws, zps, acc, b, st, pad, dil, 1, os_, oz, torch.uint8,
-            rs, rz, "sum", 1.0, act, [], "",
-        )  # fmt: skip
-        return acc
+        acc = None
+        if residual is not None:
+            acc = residual if in_place else residual.clone(memory_format=_CL)
+        return _torch_qconv(x, xs, xz, w, ws, b, stride, padding, acc, rs, rz, relu, os_, oz)
+
+    return run
+
+
+def _direct_plan(ext, x, weight, weight_scale, bias, stride, padding, relu, qparams, residual,
+                 in_place, events) -> Callable:  # fmt: skip
+    """plan()'s run on the direct path: everything but the pack lookup (per weight version)
+    and the layout (per thread count) resolved here, so that a call costs little more than
+    oneDNN's own execution (the planned call of a batch-1 model runs ~50 convs)."""
+    (xs, xz), (os_, oz), (rs, rz) = qparams
+    stride, padding, shape = tuple(stride), tuple(padding), tuple(x.shape)
+    w_shape, src_zp, sums = tuple(weight.shape), xz != 0, residual is not None
+    out_shape = output_shape(shape, w_shape, stride, padding, (1, 1))
+    recycled = None if sums else alloc.Recycled(out_shape, strides_of(out_shape, _CL))
+    layouts: dict[int, int] = {}  # thread count -> layout id
+    conv, threads, active, record = (
+        ext.onednn_qconv,
+        torch.get_num_threads,
+        _trace.active,
+        _trace.record,
+    )
+
+    def run(x, residual, w, ws, b, q):
+        if w is not weight or ws is not weight_scale or b is not bias or q != qparams:
+            return None
+        if active():
+            for event in events:
+                record(*event)
+        layout = layouts.get(threads())
+        if layout is None:
+            layout = layouts[threads()] = _direct_layout(shape, w_shape, stride, padding, src_zp,
+                                                         threads())  # fmt: skip
+        packed = _cached_direct_pack(w, shape, stride, padding, src_zp, layout)[0]
+        if sums:
+            acc = residual if in_place else residual.clone(memory_format=_CL)
+        else:
+            acc = recycled.get(x)
+        if conv(x, xs, xz, packed, layout, w_shape, ws, b, sums, rs, rz, acc, stride, padding,
+                relu, os_, oz):  # fmt: skip
+            return acc
+        # no optimized kernel for these strides: torch's op (acc, the residual, is untouched)
+        _note_strides(x, acc)
+        return _torch_qconv(x, xs, xz, w, ws, b, stride, padding, acc if sums else None, rs, rz,
+                            relu, os_, oz)  # fmt: skip
 
     return run
 

@@ -244,19 +244,22 @@ class QConvBNAct(_QParamsModule):
         # The planned path (plans are made on the cpu backend, for plain tensors; first
         # can_skip_dispatcher: False while torch.compile traces): a plan an earlier call made
         # for this signature runs the primitive, nothing else.
+        # It reads the buffers straight from _buffers (nn.Module.__getattr__ is slow).
         if out is None and x.device.type == "cpu" and can_skip_dispatcher(x, residual):
             backend = self.backend or _backend.get_backend()
             if backend in ("cpu", "auto"):
                 in_place = self.overwrite_residual and residual is not None
+                buffers = self._buffers
+                tensors = (buffers["weight"], buffers["weight_scale"], buffers["bias"])
                 key = plan_key(
-                    (x, residual, *self._tensors()), backend, self.stride, self.padding,
-                    self.relu, in_place,
+                    (x, residual, *tensors), backend, self.stride, self.padding, self.relu,
+                    in_place,
                 )  # fmt: skip
                 if in_place:  # the op refuses this too: a conv cannot write over its input
                     _checks.check_no_overlap("qconv_bn_act", residual, x=x)
                 plan = self._plans.get(key)
                 qparams = (self.x_qparams, self.out_qparams, self.residual_qparams)
-                y = None if plan is None else plan(x, residual, *self._tensors(), qparams)
+                y = None if plan is None else plan(x, residual, *tensors, qparams)
                 if y is None:
                     return self._run_and_plan(key, x, residual, qparams, in_place)
                 return y

@@ -69,7 +69,7 @@ def _cpu_impl(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, 
             copy = "the residual is copied (oneDNN's sum post-op overwrites its operand)"
     _trace.record(_OP, "cpu", f"onednn_int8({int8.isa()})", copy)
     y = int8.qconv_bn_act(x, xs, xz, w, ws, b, stride, padding, r, rs, rz, relu, os_, oz,
-                          accumulate_into)  # fmt: skip
+                          accumulate_into, out if r is None else None)  # fmt: skip
     return y if y is out else as_result(x, y, out)
 
 
