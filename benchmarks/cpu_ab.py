@@ -111,6 +111,9 @@ SWITCHES = {
 }
 
 
+MODEL_KIND = {"int8-direct": "int8 model (fastcnn.quantize), float32 input"}
+
+
 def _ab(switch: str, model_name: str, batch: int, calls: int) -> dict:
     model = make_model(model_name, torch.float32, "cpu")
     x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
@@ -146,7 +149,8 @@ def main() -> None:
         args.out,
         "cpu_ab",
         f"{SWITCHES[args.switch][0]}, fastcnn's cpu path",
-        f"float32, 224x224, {args.threads} threads, inference_mode; medians of {args.calls} "
+        f"{MODEL_KIND.get(args.switch, 'float32')}, 224x224, {args.threads} threads, "
+        f"inference_mode; medians of {args.calls} "
         "calls of each, alternating in one process",
     )
     for model in args.models.split(","):

@@ -13,7 +13,9 @@ Per (model, batch), each in processes of its own (as fastcnn-bench times them), 
   forward (the layers' times add up to about the forward, but in some processes to far more:
   seen 52 ms of layers in a 41 ms forward). PERF_COUNT adds a little to the forward; the
   provider's own timing is in fastcnn-bench's results.
-"rest" is the forward minus its convolution kernels.
+"rest" is the forward minus its convolution kernels. With --precision bf16: fastcnn on the
+model in bf16, OpenVINO on the fp32 model with the bf16 precision hint (as fastcnn-bench's
+bf16 comparison builds them).
 
     python benchmarks/cpu_breakdown.py --out benchmarks/results/DIR/cpu_breakdown.json
 """
@@ -38,17 +40,23 @@ MARK = "cpu-breakdown-result: "
 START, END = "cpu-breakdown-forwards-start", "cpu-breakdown-forwards-end"
 
 
-def _worker(model_name: str, batch: int, kind: str, calls: int, threads: int) -> dict:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _worker(model_name: str, batch: int, kind: str, calls: int, threads: int,
+            precision: str = "fp32") -> dict:  # fmt: skip
     from fastcnn.bench.measure import model_input
     from fastcnn.bench.peers import openvino_request
     from fastcnn.bench.providers import build, make_model
 
     torch.set_num_threads(threads)
     with torch.inference_mode():
-        model = make_model(model_name, torch.float32, "cpu")
-        if kind == "openvino":
+        dtype = DTYPES[precision]
+        if kind == "openvino":  # the fp32 model, in the precision asked
+            model = make_model(model_name, torch.float32, "cpu")
             x = model_input(batch, "openvino", 224, torch.float32, "cpu")
-            request = openvino_request(model, x, threads, PERF_COUNT=True)
+            hint = "bf16" if precision == "bf16" else "f32"
+            request = openvino_request(model, x, threads, hint, PERF_COUNT=True)
             totals, convs = [], []
             for i in range(calls + 5):
                 start = time.perf_counter()
@@ -64,7 +72,8 @@ def _worker(model_name: str, batch: int, kind: str, calls: int, threads: int) ->
                     every = sum(p.real_time.total_seconds() for p in layers)
                     convs.append(totals[-1] * conv / every)
             return {"total_ms": statistics.median(totals), "conv_ms": statistics.median(convs)}
-        x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
+        model = make_model(model_name, dtype, "cpu")
+        x = model_input(batch, "fastcnn", 224, dtype, "cpu")
         fn = build("fastcnn", model, x)
         for _ in range(5):
             fn(x)
@@ -90,11 +99,11 @@ def _verbose_conv_ms(stdout: str, calls: int) -> tuple[float, float]:
     return sum(times) / calls, len(times) / calls
 
 
-def _spawn(model: str, batch: int, kind: str, calls: int, threads: int) -> dict:
+def _spawn(model: str, batch: int, kind: str, calls: int, threads: int, precision: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if kind == "fastcnn-verbose":
         env["ONEDNN_VERBOSE"] = "profile_exec"
-    job = json.dumps([model, batch, kind, calls, threads])
+    job = json.dumps([model, batch, kind, calls, threads, precision])
     done = subprocess.run(
         [sys.executable, __file__, "--worker", job],
         capture_output=True,
@@ -119,6 +128,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="timed forwards a process")
     parser.add_argument("--rounds", type=int, default=3, help="processes per kind")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--out", type=Path, default=Path("cpu_breakdown.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,8 +139,8 @@ def main() -> None:
         args.out,
         "cpu_breakdown",
         "Convolution kernels and the rest of a forward, fastcnn and OpenVINO",
-        f"float32, 224x224, {args.threads} threads; medians of {args.calls} forwards in each "
-        f"of {args.rounds} processes per runtime (median of the processes); fastcnn's "
+        f"{args.precision}, 224x224, {args.threads} threads; medians of {args.calls} forwards "
+        f"in each of {args.rounds} processes per runtime (median of the processes); fastcnn's "
         "convolution time from oneDNN's profile_exec log in separate processes, OpenVINO's "
         "from PERF_COUNT (its total includes the counters)",
     )
@@ -139,7 +149,9 @@ def main() -> None:
             runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
             for r in range(args.rounds):
                 for kind in KINDS[r % 3 :] + KINDS[: r % 3]:
-                    runs[kind].append(_spawn(model, batch, kind, args.calls, args.threads))
+                    runs[kind].append(
+                        _spawn(model, batch, kind, args.calls, args.threads, args.precision)
+                    )
 
             def med(kind, key, runs=runs):
                 return statistics.median(run[key] for run in runs[kind])
@@ -150,7 +162,8 @@ def main() -> None:
                 ("fastcnn", ours_total, ours_conv),
                 ("openvino", ov_total, ov_conv),
             ):
-                row = {"model": model, "batch": batch, "runtime": runtime, "total_ms": total,
+                row = {"model": model, "batch": batch, "runtime": runtime,
+                       "precision": args.precision, "total_ms": total,
                        "conv_ms": conv, "rest_ms": total - conv}  # fmt: skip
                 if runtime == "fastcnn":
                     row["conv_calls"] = med("fastcnn-verbose", "conv_calls")

@@ -7,7 +7,8 @@ README.md, docs/*.md and benchmarks/README.md hold blocks
     <!-- /generated -->
 
 whose contents this script writes. KIND is one of
-    headline      per machine, fastcnn against the fastest peer in its latest fp32 model run
+    headline      per machine, fastcnn against the fastest peer in its latest fp32, bf16 and
+                  int8 model runs
     latest        per machine, the latest fp32 model run: fastcnn against the fastest peer, plot
     file PATH     one result file's table (PATH under benchmarks/results/)
     runs          every committed result file: machine, kind, date, commit, command
@@ -33,6 +34,7 @@ from fastcnn.bench.results import table_lines  # noqa: E402
 
 # what a headline compares fastcnn with
 PEERS = {"compile", "jit", "openvino", "openvino-bf16", "openvino-default", "onnxruntime"}
+INT8_PEERS = {"compile-int8", "openvino-int8", "onnxruntime-int8"}
 BLOCK = re.compile(r"(<!-- generated: ([^>]*?) -->\n)(.*?)(<!-- /generated -->)", re.S)
 PEER_NAMES = {
     "eager": "eager",
@@ -43,6 +45,9 @@ PEER_NAMES = {
     "openvino-default": "OpenVINO default",
     "onnxruntime": "ONNX Runtime",
     "jit": "TorchScript",
+    "compile-int8": "Inductor int8 (PT2E)",
+    "openvino-int8": "OpenVINO int8 (NNCF)",
+    "onnxruntime-int8": "ONNX Runtime int8 (QDQ)",
 }
 # the precision each run's dtype names (OpenVINO's own: its provider names it)
 PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -92,16 +97,21 @@ def _source(path: Path, env: dict, doc: Path) -> str:
     )
 
 
-def _model_runs(dtype: str = "float32") -> dict[str, tuple[Path, dict, list[dict]]]:
-    """{machine: its latest fastcnn-bench model run in dtype against peers (no int8 provider)}."""
+def _model_runs(precision: str = "float32") -> dict[str, tuple[Path, dict, list[dict]]]:
+    """{machine: its latest fastcnn-bench model run against peers in this precision (a dtype,
+    or "int8": a run with int8 providers)}."""
     latest: dict[str, tuple[Path, dict, list[dict]]] = {}
     for path in sorted(RESULTS.rglob("results.json")):
         env, kind, rows = _load(path)
         if kind != "measurements" or not rows or "model" not in rows[0]:
             continue
-        if any(r["provider"].endswith("int8") or r.get("dtype") != dtype for r in rows):
-            continue
-        if not {r["provider"] for r in rows} & PEERS:  # an A/B of fastcnn against itself
+        providers = {r["provider"] for r in rows}
+        if precision == "int8":
+            wanted = bool(providers & INT8_PEERS)
+        else:  # peers (not an A/B of fastcnn against itself), no int8, one dtype
+            wanted = bool(providers & PEERS) and not any(p.endswith("int8") for p in providers)
+            wanted = wanted and all(r.get("dtype") == precision for r in rows)
+        if not wanted:
             continue
         machine = _machine(path)
         if machine not in latest or env["date"] > latest[machine][1]["date"]:
@@ -110,12 +120,13 @@ def _model_runs(dtype: str = "float32") -> dict[str, tuple[Path, dict, list[dict
 
 
 def headline(doc: Path) -> list[str]:
-    """Per machine, its latest fp32 run, then its latest bf16 run, each naming its precision
-    and every peer's."""
+    """Per machine, its latest fp32 run, then its latest bf16 and int8 runs, each naming its
+    precision and every peer's (int8: fastcnn's int8 model against the int8 peers)."""
     lines = []
-    for dtype in ("float32", "bfloat16"):
-        for machine, (path, env, rows) in _fast_first(_model_runs(dtype)):
-            ours = [r for r in rows if r.get("vs_best_peer")]
+    for precision in ("float32", "bfloat16", "int8"):
+        for machine, (path, env, rows) in _fast_first(_model_runs(precision)):
+            ours = [r for r in rows if r.get("vs_best_peer")
+                    and (precision != "int8" or r["provider"] == "fastcnn-int8")]  # fmt: skip
             if not ours:
                 continue
             ratios = [r["vs_best_peer"] for r in ours]
@@ -123,9 +134,9 @@ def headline(doc: Path) -> list[str]:
                             if not r["provider"].startswith("fastcnn")})  # fmt: skip
             models = ", ".join(dict.fromkeys(r["model"] for r in ours))
             batches = " and ".join(str(b) for b in dict.fromkeys(r["batch"] for r in ours))
-            precision = PRECISIONS.get(dtype, dtype)
+            what = "int8 model" if precision == "int8" else f"{PRECISIONS.get(precision)} model"
             lines.append(
-                f"- **{machine}** ({env['cpu']}, {precision} model, {models}, batch {batches}): "
+                f"- **{machine}** ({env['cpu']}, {what}, {models}, batch {batches}): "
                 f"fastcnn {min(ratios):.2f}x-{max(ratios):.2f}x the fastest of "
                 f"{', '.join(peers)} ([{path.parent.name}]({_rel(path, doc)}), "
                 f"{env['date'][:10]}, commit {env['git commit'][:7]})"
