@@ -4,6 +4,7 @@ and those blocks are up to date. The README stays short, and its links lead some
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -90,3 +91,36 @@ def test_relative_links_lead_to_files(doc):
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def _run(folder: Path, date: str, rows: list[dict]) -> None:
+    env = {"cpu": "Test CPU", "date": date, "git commit": "0" * 40, "torch": "2.14"}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"environment": env, "measurements": rows}))
+
+
+def _row(provider: str, ms: float, vs=None, dtype="float32") -> dict:
+    return {"model": "resnet50", "batch": 1, "provider": provider, "ms": ms, "dtype": dtype,
+            "speedup": 1.0, "vs_best_peer": vs}  # fmt: skip
+
+
+def test_the_headline_names_each_precision_and_compares_int8_with_int8(tmp_path, monkeypatch):
+    """fp32, bf16 and int8 runs each give their own line; an int8 run's line is fastcnn-int8
+    against the int8 peers only (not fastcnn's fp32 row, nor an fp32 peer), and an int8 run is
+    never taken for an fp32 one."""
+    monkeypatch.setattr(generate_docs, "RESULTS", tmp_path)
+    monkeypatch.setattr(generate_docs, "ROOT", tmp_path)
+    machine = tmp_path / "cpu-test"
+    _run(machine / "fp32", "2026-01-01", [_row("compile", 10.0), _row("fastcnn", 8.0, 1.25)])
+    _run(machine / "bf16", "2026-01-02", [_row("openvino-bf16", 5.0, dtype="bfloat16"),
+                                         _row("fastcnn", 10.0, 0.5, "bfloat16")])  # fmt: skip
+    _run(machine / "int8", "2026-01-03", [_row("fastcnn-cpu", 30.0, 0.33),
+                                         _row("fastcnn-int8", 9.0, 1.11),
+                                         _row("openvino-int8", 10.0)])  # fmt: skip
+    lines = generate_docs.headline(tmp_path / "README.md")
+    assert len(lines) == 3, lines
+    fp32, bf16, int8 = lines
+    assert "fp32 model" in fp32 and "1.25x-1.25x" in fp32 and "/fp32/" in fp32
+    assert "bf16 model" in bf16 and "0.50x-0.50x" in bf16 and "OpenVINO bf16" in bf16
+    assert "int8 model" in int8 and "1.11x-1.11x" in int8 and "0.33x" not in int8
+    assert "OpenVINO int8 (NNCF)" in int8 and "/int8/" in int8
