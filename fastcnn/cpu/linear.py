@@ -1,4 +1,5 @@
-"""A fully connected layer on the CPU through oneDNN's inner product with a prepacked weight
+"""A fully connected layer (fp32, or bf16 where oneDNN runs it natively) on the CPU through
+oneDNN's inner product with a prepacked weight
 (torch's mkldnn op, what Inductor's CPU freezing path runs): the weight is reordered once into
 a blocked layout and kept (the weight cache: repacked when the weight changes), where aten's
 addmm reads the plain weight on every call. One pack serves every batch size: the layout
@@ -21,8 +22,12 @@ def unsupported_reason(
 ) -> str | None:
     """Why the packed path cannot take this call (aten's linear runs then), or None."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return "not fp32 CPU tensors"
+    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in tensors):
+        return "not CPU tensors of one dtype"
+    if x.dtype not in PACKED_DTYPES:
+        return f"not fp32 or bf16 ({x.dtype})"
+    if x.dtype == torch.bfloat16 and not onednn.native_bf16():
+        return "bf16 without native bf16 in oneDNN here (avx512_bf16 or AMX)"
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return "not a [batch, in_features] input of this layer"
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -41,6 +46,9 @@ def unsupported_reason(
 
 
 PACK_BATCH = 32
+# oneDNN's inner product with fp32 accumulation; bf16 only where it runs natively (emulated
+# bf16 is slower than aten's)
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class Linear(nn.Linear):
         if why is None:
             _trace.record("linear", "cpu", "onednn_packed")
             return linear.linear(x, weight, bias)
-        # a fallback only where the packed path was the point: fp32 on the CPU
-        expected = x.device.type == "cpu" and x.dtype == torch.float32
+        # a fallback only where the packed path was the point: fp32 or bf16 on the CPU
+        expected = x.device.type == "cpu" and x.dtype in linear.PACKED_DTYPES
         _trace.record("linear", "aten", "linear", why if expected else None)
         return super().forward(x)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -81,7 +82,7 @@ def test_every_batch_size_runs_one_pack():
     "case, why",
     [
         ("grad", "autograd must record it"),
-        ("float64", "not fp32 CPU tensors"),
+        ("float64", "not fp32 or bf16"),
         ("3d", "not a [batch, in_features] input"),
     ],
 )
@@ -105,6 +106,29 @@ def test_other_calls_take_nn_linears_path_and_say_why(case, why):
     if case == "grad":  # autograd recorded it: gradients reach the shared weight
         y.sum().backward()
         assert ref.weight.grad is not None
+
+
+@pytest.mark.skipif(not onednn.native_bf16(), reason="oneDNN runs no native bf16 on this CPU")
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bf16_takes_the_packed_path_where_onednn_runs_it_natively(batch):
+    """bf16 in, bf16 out, fp32 accumulation: within bf16's tolerance of the fp32 layer."""
+    ref = _layer()
+    fast = fastcnn.nn.Linear.from_module(copy.deepcopy(ref)).to(torch.bfloat16)
+    x = random_tensor((batch, 37), torch.float32, "cpu", seed=9)
+    with torch.inference_mode(), fastcnn.trace() as t:
+        y = fast(x.bfloat16())
+    assert {(k.backend, k.kernel) for k in t.counts()} == {("cpu", "onednn_packed")}, str(t)
+    assert y.dtype == torch.bfloat16
+    expected = F.linear(x, ref.weight, ref.bias)
+    torch.testing.assert_close(
+        y.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()
+    )
+
+
+def test_bf16_without_native_bf16_stays_with_aten(monkeypatch):
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
+    w = torch.randn(4, 6).bfloat16()
+    assert "native bf16" in linear.unsupported_reason(torch.randn(2, 6).bfloat16(), w, None)
 
 
 def test_the_packed_path_refuses_what_it_cannot_take():
