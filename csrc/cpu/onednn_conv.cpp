@@ -49,7 +49,7 @@ memory::dims output_dims(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef s
 
 // Reference and gemm-based kernels are far slower than torch's path (which copies a strided
 // input to a dense one first): only the optimized convolution kernels are taken.
-bool optimized(const std::string& impl) {
+static bool optimized(const std::string& impl) {
   return impl.find("ref") == std::string::npos && impl.find("gemm") == std::string::npos;
 }
 
@@ -76,6 +76,34 @@ memory::desc layout(int64_t id) {
   return layouts[id];
 }
 
+std::shared_ptr<dnnl::convolution_forward> optimized_conv(
+    const memory::desc& src, const memory::desc& weights, const memory::desc& bias,
+    const memory::desc& dst, at::IntArrayRef stride, at::IntArrayRef padding,
+    const dnnl::primitive_attr& attr, memory::desc* scratchpad) {
+  try {
+    dnnl::convolution_forward::primitive_desc pd(
+        onednn_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        src, weights, bias, dst, stride.vec(), padding.vec(), padding.vec(), attr);
+    if (!optimized(pd.impl_info_str())) return nullptr;
+    *scratchpad = pd.scratchpad_desc();
+    return std::make_shared<dnnl::convolution_forward>(pd);
+  } catch (const dnnl::error&) {
+    return nullptr;  // no implementation for this combination
+  }
+}
+
+void execute_conv(const dnnl::convolution_forward& prim, const memory::desc& scratchpad,
+                  std::unordered_map<int, memory>& args) {
+  if (scratchpad.get_size() > 0) {
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 memory(scratchpad, onednn_engine(),
+                        thread_buffer<ThreadBuffer::kOnednnScratchpad>(scratchpad.get_size())));
+  }
+  auto& stream = onednn_thread_stream();
+  prim.execute(stream, args);
+  stream.wait();
+}
+
 namespace {
 
 using Key = OnednnKey;
@@ -87,11 +115,6 @@ struct Conv {
   memory::desc src, weights, bias, dst, residual, scratchpad;
   bool sum = false;  // residual added as a sum post-op: it is the destination itself
 };
-
-// Primitives kept (no weights): a GoogLeNet or ResNet-50 served at every batch size up to 32
-// needs ~2000 (a few layouts of the residual each); past the bound the map is emptied (and
-// refilled by the shapes still in use).
-constexpr size_t kMaxPrimitives = 8192;
 
 memory::data_type data_type(at::ScalarType type) {
   switch (type) {
@@ -140,8 +163,7 @@ memory::desc packed_weight_desc(at::IntArrayRef x, at::IntArrayRef w, at::IntArr
   return pd.weights_desc();
 }
 
-std::mutex cache_mutex;
-std::unordered_map<Key, std::shared_ptr<const Conv>, OnednnKeyHash> cache;
+PrimitiveCache<Conv> cache;
 
 std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& weights,
                                       at::IntArrayRef w, bool has_bias,
@@ -168,18 +190,8 @@ std::shared_ptr<const Conv> make_conv(const at::Tensor& x, const memory::desc& w
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
-  try {
-    dnnl::convolution_forward::primitive_desc pd(
-        onednn_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-        conv->src, conv->weights, conv->bias, conv->dst, stride.vec(), padding.vec(), padding.vec(),
-        attr);
-    if (optimized(pd.impl_info_str())) {
-      conv->scratchpad = pd.scratchpad_desc();
-      conv->prim = std::make_shared<dnnl::convolution_forward>(pd);
-    }
-  } catch (const dnnl::error&) {
-    // no implementation for this combination: prim stays null, the caller takes torch's path
-  }
+  conv->prim = optimized_conv(conv->src, conv->weights, conv->bias, conv->dst, stride, padding,
+                              attr, &conv->scratchpad);
   return conv;
 }
 
@@ -308,19 +320,10 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
     key.push_back(residual->data_ptr() == out.data_ptr() ? 1 : 2);
     for (auto v : residual->strides()) key.push_back(v);
   }
-  std::shared_ptr<const Conv> conv;
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto hit = cache.find(key);
-    if (hit != cache.end()) conv = hit->second;
-  }
-  if (!conv) {
-    conv = make_conv(x, layout(packed_layout), w, bias.has_value(), residual, out, stride, padding,
+  auto conv = cache.get(key, [&] {
+    return make_conv(x, layout(packed_layout), w, bias.has_value(), residual, out, stride, padding,
                      relu);
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    if (cache.size() >= kMaxPrimitives) cache.clear();
-    cache.emplace(key, conv);
-  }
+  });
   if (!conv->prim) return false;
   TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
               "fastcnn onednn_conv: the packed weight does not have the size of its layout "
@@ -335,22 +338,11 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
     args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
                  memory(conv->residual, eng, residual->data_ptr()));
   }
-  if (conv->scratchpad.get_size() > 0) {
-    args.emplace(
-        DNNL_ARG_SCRATCHPAD,
-        memory(conv->scratchpad, eng,
-               thread_buffer<ThreadBuffer::kOnednnScratchpad>(conv->scratchpad.get_size())));
-  }
-  auto& stream = onednn_thread_stream();
-  conv->prim->execute(stream, args);
-  stream.wait();
+  execute_conv(*conv->prim, conv->scratchpad, args);
   return true;
 }
 
-size_t onednn_conv_cached() {
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  return cache.size();
-}
+size_t onednn_conv_cached() { return cache.size(); }
 
 }  // namespace fastcnn
 

@@ -21,12 +21,10 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 #include <unordered_map>
 
-#include "../common/thread_buffer.h"
 #include "onednn_common.h"
 
 namespace fastcnn {
@@ -40,10 +38,7 @@ struct QConv {
   memory::desc src, weights, bias, dst, scratchpad;
 };
 
-constexpr size_t kMaxPrimitives = 8192;  // as onednn_conv.cpp's bound, for the same reason
-
-std::mutex cache_mutex;
-std::unordered_map<OnednnKey, std::shared_ptr<const QConv>, OnednnKeyHash> cache;
+PrimitiveCache<QConv> cache;
 
 const memory::desc& scalar_desc(dt type) {
   static const memory::desc f32({1}, dt::f32, memory::format_tag::a);
@@ -93,18 +88,8 @@ std::shared_ptr<const QConv> make_qconv(const at::Tensor& x, const memory::desc&
   if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
   auto attr = quant_attr(src_zp, dst_zp);
   attr.set_post_ops(ops);
-  try {
-    dnnl::convolution_forward::primitive_desc pd(
-        onednn_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-        conv->src, conv->weights, conv->bias, conv->dst, stride.vec(), padding.vec(), padding.vec(),
-        attr);
-    if (optimized(pd.impl_info_str())) {
-      conv->scratchpad = pd.scratchpad_desc();
-      conv->prim = std::make_shared<dnnl::convolution_forward>(pd);
-    }
-  } catch (const dnnl::error&) {
-    // no implementation for this combination: prim stays null, the caller takes torch's op
-  }
+  conv->prim = optimized_conv(conv->src, conv->weights, conv->bias, conv->dst, stride, padding,
+                              attr, &conv->scratchpad);
   return conv;
 }
 
@@ -198,20 +183,11 @@ bool onednn_qconv(const at::Tensor& x, double x_scale, int64_t x_zp,
   key.insert(key.end(), {stride[0], stride[1], padding[0], padding[1], relu, bias.has_value(),
                          packed_layout, at::get_num_threads(), src_zp, dst_zp, sum_residual});
   if (sum_residual) key.insert(key.end(), {float_bits(static_cast<float>(r_scale)), r_zp});
-  std::shared_ptr<const QConv> conv;
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto hit = cache.find(key);
-    if (hit != cache.end()) conv = hit->second;
-  }
-  if (!conv) {
-    conv = make_qconv(x, layout(packed_layout), w, bias.has_value(), src_zp, dst_zp, sum_residual,
+  auto conv = cache.get(key, [&] {
+    return make_qconv(x, layout(packed_layout), w, bias.has_value(), src_zp, dst_zp, sum_residual,
                       static_cast<float>(r_scale), static_cast<int32_t>(r_zp), out, stride, padding,
                       relu);
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    if (cache.size() >= kMaxPrimitives) cache.clear();
-    cache.emplace(key, conv);
-  }
+  });
   if (!conv->prim) return false;
   TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
               "fastcnn onednn_qconv: the packed weight does not have the size of its layout "
@@ -236,22 +212,11 @@ bool onednn_qconv(const at::Tensor& x, double x_scale, int64_t x_zp,
                  memory(scalar_desc(dt::s32), eng, &dst_zero));
   }
   if (bias.has_value()) args.emplace(DNNL_ARG_BIAS, memory(conv->bias, eng, bias->data_ptr()));
-  if (conv->scratchpad.get_size() > 0) {
-    args.emplace(
-        DNNL_ARG_SCRATCHPAD,
-        memory(conv->scratchpad, eng,
-               thread_buffer<ThreadBuffer::kOnednnScratchpad>(conv->scratchpad.get_size())));
-  }
-  auto& stream = onednn_thread_stream();
-  conv->prim->execute(stream, args);
-  stream.wait();
+  execute_conv(*conv->prim, conv->scratchpad, args);  // the scales above live until it returns
   return true;
 }
 
-size_t onednn_qconv_cached() {
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  return cache.size();
-}
+size_t onednn_qconv_cached() { return cache.size(); }
 
 }  // namespace fastcnn
 

@@ -3,9 +3,9 @@ ways to reach oneDNN, as for fp32 (fastcnn.cpu.onednn):
 
   direct: the extension's own oneDNN calls (csrc/cpu/onednn_qconv.cpp): primitives made once per
           shape and kept, scales and zero points passed per call, the weight packed once per
-          layout (shared by every batch size whose layout agrees), the output written through
-          its strides (a channel slice of a concat in place), the residual added as a sum
-          post-op over the output's buffer.
+          layout (shared by every batch size whose layout agrees), the residual added as a sum
+          post-op over the output's buffer. Dense tensors only (oneDNN's int8 convs take no
+          channel slice: a concat's slice gets a copy of the dense result).
   torch:  torch's oneDNN quantized conv ops, as Inductor's x86 int8 path runs them
           (torch.ops.onednn.qconv_pointwise, and its binary "sum" variant for the residual),
           which make a primitive descriptor, scratchpad and output on every call. Where the
@@ -106,10 +106,22 @@ def pairs_saturate() -> bool:
     ext = direct_extension()
     if ext is None:
         return False
-    # a uint8 output cannot hold the sum: divided by 2**13 (253 exact, 128 saturated)
-    out = torch.empty(1, 1, 1, 1, dtype=torch.uint8)
+    # The direct kernels want a few output channels and pixels (a 1x1 image of 1 channel may
+    # get none); a uint8 output cannot hold the sum: divided by 2**13 (253 exact, 128
+    # saturated). Where no kernel runs the probe, saturation is assumed (7-bit weights stay
+    # exact either way).
+    x = torch.full((1, c, 4, 4), 255, dtype=torch.uint8).contiguous(memory_format=_CL)
+    w = torch.full((16, c, 1, 1), 127, dtype=torch.int8).contiguous(memory_format=_CL)
+    out = torch.empty(1, 16, 4, 4, dtype=torch.uint8).contiguous(memory_format=_CL)
+    ws = torch.ones(16)
     ran = _direct(ext, x, 1.0, 0, w, ws, None, (1, 1), (0, 0), False, 8192.0, 0, out)
-    return ran and out.item() != round(exact / 8192)
+    if not ran:
+        _backend.note_once(
+            ("int8", "direct-probe"),
+            "fastcnn: the extension's oneDNN ran no int8 kernel for the saturation probe: "
+            "its u8 x s8 pair sums are taken to saturate (7-bit weights run exactly)",
+        )
+    return not ran or bool((out != round(exact / 8192)).any())
 
 
 @functools.cache
@@ -191,9 +203,16 @@ def _weight_zero_points(c_out: int) -> torch.Tensor:
 
 def direct_extension():
     """The extension when it runs int8 convs on its own oneDNN (onednn_qconv), else None
-    (fastcnn.cpu.onednn notes why once)."""
+    (noted once: by fastcnn.cpu.onednn without the library, here for a build without them)."""
     ext = onednn.linked_extension()
-    return ext if ext is not None and hasattr(ext, "onednn_qconv") else None
+    if ext is not None and not hasattr(ext, "onednn_qconv"):
+        _backend.note_once(
+            ("qconv_bn_act", "onednn-direct"),
+            "fastcnn: the extension has no direct int8 convs (built from older sources?): "
+            "int8 convs go through torch's quantized conv ops",
+        )
+        return None
+    return ext
 
 
 # Direct packs per (weight, layout): scales are passed per call, so a pack depends on the
@@ -236,20 +255,24 @@ def _direct(ext, x, xs, xz, weight, ws, bias, stride, padding, relu, os_, oz, ou
                             rs, rz, out, stride, padding, relu, os_, oz)  # fmt: skip
 
 
-def _note_strides(x: torch.Tensor, out: torch.Tensor) -> None:
-    _backend.note_once(
-        ("qconv_bn_act", f"onednn-strides-{x.stride()}-{out.stride()}"),
-        f"fastcnn: oneDNN has no optimized int8 kernel for x strides {x.stride()} and output "
-        f"strides {out.stride()}: torch's quantized conv op runs it",
+def _no_kernel(x: torch.Tensor, out: torch.Tensor) -> str:
+    """Why torch's op runs a conv the direct path was asked (noted once per strides)."""
+    why = (
+        f"oneDNN has no optimized int8 kernel for this conv's shapes, strides ({x.stride()} "
+        f"-> {out.stride()}) or post-ops: torch's quantized conv op runs it"
     )
+    _backend.note_once(("qconv_bn_act", f"onednn-strides-{x.stride()}-{out.stride()}"),
+                       f"fastcnn: {why}")  # fmt: skip
+    return why
 
 
 def qconv_bn_act(
     x, x_scale, x_zp, weight, weight_scale, bias, stride, padding, residual, r_scale, r_zp,
     relu, out_scale, out_zp, accumulate_into: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """The int8 op through oneDNN; returns a new uint8 tensor (channels_last), or out (without
+) -> tuple[torch.Tensor, str | None]:  # fmt: skip
+    """The int8 op through oneDNN: (the result, why torch's op ran it instead of the direct
+    primitive or None). The result is a new uint8 tensor (channels_last), or out (without
     a residual, where it is a dense channels_last tensor: oneDNN's int8 convs write no channel
     slice, the caller copies into one), or with accumulate_into (a channels_last uint8 tensor
     holding the residual's values) the result written over it in place. A residual without
@@ -269,10 +292,13 @@ def qconv_bn_act(
             y = alloc.new_output(x, output_shape(x.shape, weight.shape, stride, padding, (1, 1)))
         if _direct(ext, x, x_scale, x_zp, weight, weight_scale, bias, stride, padding, relu,
                    out_scale, out_zp, y, residual is not None, r_scale, r_zp):  # fmt: skip
-            return y
-        _note_strides(x, y)
-    return _torch_qconv(x, x_scale, x_zp, weight, weight_scale, bias, stride, padding,
-                        accumulate_into, r_scale, r_zp, relu, out_scale, out_zp)  # fmt: skip
+            return y, None
+        why = _no_kernel(x, y)
+    else:
+        why = "the extension has no direct int8 convs (noted)"
+    y = _torch_qconv(x, x_scale, x_zp, weight, weight_scale, bias, stride, padding,
+                     accumulate_into, r_scale, r_zp, relu, out_scale, out_zp)  # fmt: skip
+    return y, why
 
 
 def _torch_qconv(x, xs, xz, weight, ws, bias, stride, padding, accumulate_into, rs, rz, relu,
@@ -370,8 +396,9 @@ def _direct_plan(ext, x, weight, weight_scale, bias, stride, padding, relu, qpar
         if conv(x, xs, xz, packed, layout, w_shape, ws, b, sums, rs, rz, acc, stride, padding,
                 relu, os_, oz):  # fmt: skip
             return acc
-        # no optimized kernel for these strides: torch's op (acc, the residual, is untouched)
-        _note_strides(x, acc)
+        # no optimized kernel: torch's op (acc, the residual, is untouched); the op's first
+        # call fell back the same way and recorded it (events)
+        _no_kernel(x, acc)
         return _torch_qconv(x, xs, xz, w, ws, b, stride, padding, acc if sums else None, rs, rz,
                             relu, os_, oz)  # fmt: skip
 

@@ -1,5 +1,6 @@
-"""fastcnn.nn.Linear: nn.Linear whose inference on fp32 CPU matrices multiplies by a prepacked
-weight (fastcnn/cpu/linear.py); everything else is nn.Linear's own forward."""
+"""fastcnn.nn.Linear: nn.Linear whose inference on fp32 (or natively run bf16) CPU matrices
+multiplies by a prepacked weight (fastcnn/cpu/linear.py); everything else is nn.Linear's own
+forward."""
 
 from __future__ import annotations
 

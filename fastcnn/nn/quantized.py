@@ -250,7 +250,9 @@ class QConvBNAct(_QParamsModule):
             if backend in ("cpu", "auto"):
                 in_place = self.overwrite_residual and residual is not None
                 buffers = self._buffers
-                tensors = (buffers["weight"], buffers["weight_scale"], buffers["bias"])
+                tensors = (buffers.get("weight"), buffers.get("weight_scale"), buffers.get("bias"))
+                if any(t is None for t in tensors):  # e.g. one assigned as a Parameter
+                    tensors = self._tensors()
                 key = plan_key(
                     (x, residual, *tensors), backend, self.stride, self.padding, self.relu,
                     in_place,

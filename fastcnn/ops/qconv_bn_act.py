@@ -67,9 +67,10 @@ def _cpu_impl(x, xs, xz, w, ws, wmax, b, stride, padding, r, rs, rz, relu, os_, 
             accumulate_into = out.copy_(r)
         else:
             copy = "the residual is copied (oneDNN's sum post-op overwrites its operand)"
-    _trace.record(_OP, "cpu", f"onednn_int8({int8.isa()})", copy)
-    y = int8.qconv_bn_act(x, xs, xz, w, ws, b, stride, padding, r, rs, rz, relu, os_, oz,
-                          accumulate_into, out if r is None else None)  # fmt: skip
+    y, torch_op = int8.qconv_bn_act(x, xs, xz, w, ws, b, stride, padding, r, rs, rz, relu, os_,
+                                    oz, accumulate_into, out if r is None else None)  # fmt: skip
+    why = "; ".join(reason for reason in (copy, torch_op) if reason) or None
+    _trace.record(_OP, "cpu", f"onednn_int8({int8.isa()})", why)
     return y if y is out else as_result(x, y, out)
 
 

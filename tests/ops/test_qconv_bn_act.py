@@ -208,6 +208,46 @@ def test_an_isa_cap_on_onednn_is_probed_not_read_from_cpuinfo(cap, variable):
         assert runs == cpu and f"'cpu:onednn_int8({runs})']" in " ".join(kernels), kernels
 
 
+_SEVEN_BIT = """
+import torch, fastcnn
+from fastcnn import reference
+from fastcnn.cpu import int8
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, 256, (2, 24, 9, 7), generator=g, dtype=torch.uint8)
+x = x.contiguous(memory_format=torch.channels_last)
+w = torch.randint(-63, 64, (16, 24, 3, 3), generator=g, dtype=torch.int8)
+w = w.contiguous(memory_format=torch.channels_last)
+ws, b = torch.full((16,), 1e-4), torch.randn(16, generator=g)
+args = (x, 0.05, 5, w, ws, b, 1, 1)
+expected = reference.qconv_bn_act(*args, out_scale=0.02, out_zero_point=3)
+def refused(*a, **k):
+    raise AssertionError("torch's op ran")
+int8._torch_qconv = refused
+with fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+    y = fastcnn.ops.qconv_bn_act(*args, out_scale=0.02, out_zero_point=3, weight_max=63)
+diff = (y.int() - expected.int()).abs()
+print(int8.isa(), int(diff.max()), float((diff > 0).float().mean()), sorted(t.kernels()),
+      [e.fallback for e in t.events])
+"""
+
+
+def test_7_bit_weights_run_the_direct_kernel_exactly_with_onednn_capped_at_avx2():
+    """Without VNNI (here: oneDNN capped at AVX2) 7-bit weights cannot saturate: they run the
+    extension's direct int8 primitive, within one step of the reference, with no fallback."""
+    from fastcnn.cpu import int8
+
+    if int8.isa() == "none" or int8.direct_extension() is None:
+        pytest.skip("needs oneDNN and the extension's direct int8 convs")
+    env = {k: v for k, v in os.environ.items() if k != "DNNL_MAX_CPU_ISA"}
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    out = subprocess.run([sys.executable, "-c", _SEVEN_BIT], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout  # fmt: skip
+    isa, most, share, kernels = out.split(" ", 3)
+    assert isa == "avx2", out
+    assert int(most) <= 1 and float(share) <= OFF_BY_ONE["cpu"], out
+    assert "cpu:onednn_int8(avx2)" in kernels and "[None]" in kernels, out
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_triton_int8_on_gpu_within_one_step():

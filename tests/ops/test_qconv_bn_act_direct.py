@@ -7,6 +7,8 @@ torch's op runs the conv visibly."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -47,25 +49,31 @@ def _primitives() -> int:
     return int8.direct_extension().onednn_qconv_cached()
 
 
+def _torch_op_refused(*args, **kwargs):
+    raise AssertionError("torch's quantized conv op ran: the direct path fell back")
+
+
 @pytest.mark.parametrize(("x_zp", "out_zp"), [(0, 0), (7, 0), (0, 3), (9, 250)])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_the_op_runs_the_direct_primitive_and_matches_the_reference(x_zp, out_zp, residual):
+def test_the_op_runs_the_direct_primitive_and_matches_the_reference(monkeypatch, x_zp, out_zp,
+                                                                     residual):  # fmt: skip
     """Every zero point kind (the pack differs for an input zero point, the primitive for an
     output one) and the residual's sum post-op, with its own scale and zero point."""
+    monkeypatch.setattr(int8, "_torch_qconv", _torch_op_refused)
     x = _u8((3, 13, 9, 11), 1)
     w, ws, b = _conv(13, 21, 3)
     r = _u8((3, 21, 9, 11), 2) if residual else None
+    kept = None if r is None else r.clone()
     q = dict(residual=r, residual_scale=0.03, residual_zero_point=100, relu=True,
              out_scale=0.02, out_zero_point=out_zp)  # fmt: skip
     expected = reference.qconv_bn_act(x, 0.05, x_zp, w, ws, b, 1, 1, **q)
-    before = _primitives()
     with fastcnn.use_backend("cpu"), fastcnn.trace() as t, alloc.poisoned(POISON):
         y = fastcnn.ops.qconv_bn_act(x, 0.05, x_zp, w, ws, b, 1, 1, **q)
     assert next(iter(t.kernels("qconv_bn_act"))).startswith("cpu:onednn_int8")
-    assert _primitives() > before or before > 0  # made now, or the same one kept from before
+    assert _primitives() > 0
     _close(y, expected)
-    if r is not None:
-        assert not torch.equal(y, r) and r.data_ptr() != y.data_ptr()  # the caller's r is kept
+    if r is not None:  # the caller's residual is left as it was (the sum ran on a copy)
+        assert torch.equal(r, kept) and r.data_ptr() != y.data_ptr()
 
 
 def test_one_pack_serves_every_batch_size_of_its_layout():
@@ -115,14 +123,37 @@ def _expected(m, x):
                                   oq.zero_point)  # fmt: skip
 
 
-def test_planned_calls_read_scales_and_weights_changed_in_place():
+class _Counting:
+    """The extension, counting its direct int8 conv calls."""
+
+    def __init__(self, ext):
+        self._ext, self.calls = ext, 0
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def onednn_qconv(self, *args):
+        self.calls += 1
+        return self._ext.onednn_qconv(*args)
+
+
+def test_planned_calls_read_scales_and_weights_changed_in_place(monkeypatch):
     """Scales are passed per call (not packed): a weight_scale or bias changed in place is
-    used by the next planned call; a weight changed in place is packed again."""
+    used by the next planned call; a weight changed in place is packed again. Each call after
+    the first runs the plan's direct primitive."""
+    ext = _Counting(int8.direct_extension())
+    monkeypatch.setattr(int8, "direct_extension", lambda: ext)
+    monkeypatch.setattr(int8, "_torch_qconv", _torch_op_refused)
     m = _module()
     x = _u8((2, 16, 9, 9), 5)
     with torch.inference_mode():
         m(x)
         assert len(m._plans) == 1
+        plan = next(iter(m._plans._plans.values()))
+        calls = ext.calls
+        assert plan(x, None, m.weight, m.weight_scale, m.bias,
+                    (m.x_qparams, m.out_qparams, m.residual_qparams)) is not None  # fmt: skip
+        assert ext.calls == calls + 1
     with torch.no_grad():
         m.weight_scale.mul_(1.5)
         _close(m(x), _expected(m, x))
@@ -151,9 +182,29 @@ def test_no_kernel_falls_back_to_torchs_op_visibly(monkeypatch):
     x = _u8((2, 16, 9, 9), 6)
     m = _module(seed=1)
     monkeypatch.setattr(_backend, "_warned", set())  # noted once: here as if for the first time
-    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="no optimized int8 kernel"):
+    warns = pytest.warns(RuntimeWarning, match="no optimized int8 kernel")
+    with torch.inference_mode(), fastcnn.trace() as t, warns:
         y = m(x)  # the op
+    (event,) = t.events
+    assert "torch's quantized conv op runs it" in event.fallback
     _close(y, _expected(m, x))
     with torch.inference_mode():
         _close(m(x), _expected(m, x))  # the plan, which falls back the same way
     assert len(m._plans) == 1
+
+
+def test_no_kernel_for_a_residual_conv_leaves_the_residual_and_falls_back(monkeypatch):
+    ext = _NoKernel(int8.direct_extension())
+    monkeypatch.setattr(int8, "direct_extension", lambda: ext)
+    x = _u8((2, 13, 9, 11), 7)
+    w, ws, b = _conv(13, 21, 3, seed=7)
+    r = _u8((2, 21, 9, 11), 8)
+    kept = r.clone()
+    q = dict(residual=r, residual_scale=0.03, residual_zero_point=100, relu=True,
+             out_scale=0.02, out_zero_point=3)  # fmt: skip
+    with warnings.catch_warnings(), fastcnn.use_backend("cpu"), fastcnn.trace() as t:
+        warnings.simplefilter("ignore")
+        y = fastcnn.ops.qconv_bn_act(x, 0.05, 0, w, ws, b, 1, 1, **q)
+    assert "torch's quantized conv op runs it" in t.events[0].fallback
+    _close(y, reference.qconv_bn_act(x, 0.05, 0, w, ws, b, 1, 1, **q))
+    assert torch.equal(r, kept)
