@@ -294,8 +294,8 @@ def qconv_bn_act(
                    out_scale, out_zp, y, residual is not None, r_scale, r_zp):  # fmt: skip
             return y, None
         why = _no_kernel(x, y)
-    else:
-        why = "the extension has no direct int8 convs (noted)"
+    else:  # noted once, as for fp32: the whole process runs torch's ops, not this conv
+        why = None
     y = _torch_qconv(x, x_scale, x_zp, weight, weight_scale, bias, stride, padding,
                      accumulate_into, r_scale, r_zp, relu, out_scale, out_zp)  # fmt: skip
     return y, why
