@@ -244,15 +244,11 @@ class QConvBNAct(_QParamsModule):
         # The planned path (plans are made on the cpu backend, for plain tensors; first
         # can_skip_dispatcher: False while torch.compile traces): a plan an earlier call made
         # for this signature runs the primitive, nothing else.
-        # It reads the buffers straight from _buffers (nn.Module.__getattr__ is slow).
         if out is None and x.device.type == "cpu" and can_skip_dispatcher(x, residual):
             backend = self.backend or _backend.get_backend()
             if backend in ("cpu", "auto"):
                 in_place = self.overwrite_residual and residual is not None
-                buffers = self._buffers
-                tensors = (buffers.get("weight"), buffers.get("weight_scale"), buffers.get("bias"))
-                if any(t is None for t in tensors):  # e.g. one assigned as a Parameter
-                    tensors = self._tensors()
+                tensors = self._tensors()
                 key = plan_key(
                     (x, residual, *tensors), backend, self.stride, self.padding, self.relu,
                     in_place,
@@ -271,7 +267,13 @@ class QConvBNAct(_QParamsModule):
         return self._run(x, residual, out)
 
     def _tensors(self):
-        return self.weight, self.weight_scale, self.bias
+        """(weight, weight_scale, bias): straight from _buffers (nn.Module.__getattr__ is slow
+        on the per-call path), through getattr where one is not a buffer (a Parameter)."""
+        buffers = self._buffers
+        tensors = (buffers.get("weight"), buffers.get("weight_scale"), buffers.get("bias"))
+        if any(t is None for t in tensors):
+            return self.weight, self.weight_scale, self.bias
+        return tensors
 
     def _run_and_plan(self, key, x, residual, qparams, in_place):
         """The op, then a plan for later calls like this one if it ran oneDNN's int8 kernel."""
