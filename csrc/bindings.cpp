@@ -12,6 +12,7 @@ std::string cuda_arch_list();            // cuda/build_info.cu
 bool with_cublaslt();                    // cuda/build_info.cu
 std::vector<int64_t> take_conv_paths();  // cuda/conv_bn_act.cu
 #endif
+void global_avg_pool_out(const at::Tensor& x, const at::Tensor& out);  // cpu/avg_pool.cpp
 #ifdef FASTCNN_WITH_ONEDNN
 // cpu/onednn_conv.cpp
 std::tuple<at::Tensor, int64_t> onednn_conv_pack(const at::Tensor& weight, at::IntArrayRef x_sizes,
@@ -99,6 +100,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           const int64_t padding[2] = {pad_h, pad_w};
           op.call(x, weight, bias, stride, padding, residual, relu, out);
         });
+  // fastcnn.cpu.program's step for AdaptiveAvgPool2d(1) (cpu/avg_pool.cpp)
+  m.def("global_avg_pool_out", &fastcnn::global_avg_pool_out,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef FASTCNN_WITH_ONEDNN
   // fastcnn.cpu.onednn's direct oneDNN convolutions (cpu/onednn_conv.cpp); absent without
   // the oneDNN library, which fastcnn.cpu.onednn notices.

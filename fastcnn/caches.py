@@ -20,6 +20,7 @@ from fastcnn.common.plans import Plans
 from fastcnn.common.weight_cache import WeightCache
 from fastcnn.cuda_graphs import CUDAGraphed
 from fastcnn.nn.folded import FoldedConvBN
+from fastcnn.optimize.program import Programs
 
 set_cache_budget = alloc.set_cache_budget
 
@@ -27,8 +28,8 @@ set_cache_budget = alloc.set_cache_budget
 def refresh(model: nn.Module) -> nn.Module:
     """Make `model` use its weights as they are now, after writes no version counter sees
     (`.data`, numpy, DLPack): every value fastcnn derived from its parameters and buffers is
-    dropped (made again on the next call), every module's plans too, and CUDA graphs are
-    recaptured. Returns model."""
+    dropped (made again on the next call), every module's plans and CPU programs too, and CUDA
+    graphs are recaptured. Returns model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastcnn.refresh expects an nn.Module, got {type(model).__name__}")
     tensors = [*model.parameters(), *model.buffers()]
@@ -37,7 +38,7 @@ def refresh(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for value in vars(module).values():
             for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, (Plans, FoldedConvBN)):
+                if isinstance(item, (Plans, FoldedConvBN, Programs)):
                     item.clear()
         if isinstance(module, CUDAGraphed):
             module.reset()

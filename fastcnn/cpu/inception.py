@@ -171,13 +171,15 @@ def branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool) -> tuple[list, str
 
 
 def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides):
-    """A plan(x, rw, rb, w2, b2, w3, b3, w4, b4) for later calls whose tensors have these
+    """A plan(x, rw, rb, w2, b2, w3, b3, w4, b4, out=None) for later calls whose tensors have these
     tensors' metadata: the variant chosen for the shape (as `branches` chooses it, on the first
     call), then the whole block as ONE C++ call (csrc/cpu/onednn_inception.cpp: the direct
     oneDNN convs, the pool and the concat) with the weights' packed copies, looked up per call
     (a weight changed in place is packed again). None where the direct path does not take x
     (then the op's own path runs every call). Where oneDNN has no optimized kernel for a conv,
-    the C++ call writes nothing and the per-conv path runs it (noted there)."""
+    the C++ call writes nothing and the per-conv path runs it (noted there). out: where to
+    write the block's output (out_shape, out_strides: fastcnn.optimize.program's buffers); None:
+    the last call's output memory where nothing holds it any more, else a new tensor."""
     cl = torch.channels_last
     if not onednn.direct(x) or not x.is_contiguous(memory_format=cl):
         return None
@@ -198,10 +200,11 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides
     block_call = onednn.linked_extension().onednn_inception
     shape, output = tuple(x.shape), alloc.Recycled(out_shape, out_strides)
 
-    def run(x, rw, rb, w2, b2, w3, b3, w4, b4):
+    def run(x, rw, rb, w2, b2, w3, b3, w4, b4, out=None):
         block = _block(rw, rb, widths)
         variant = block.chosen.get(shape)
-        out = output.get(x)  # the last call's output memory where nothing holds it any more
+        if out is None:
+            out = output.get(x)
         if variant is not None:
             if variant == "merged":
                 convs = ((rw, rb), (w2, b2), (w3, b3), (w4, b4))
@@ -218,4 +221,5 @@ def plan(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool, out_shape, out_strides
         ys, _ = branches(x, rw, rb, widths, w2, b2, w3, b3, w4, b4, pool)
         return torch.cat(ys, 1, out=out)
 
+    run.takes_out = True  # fastcnn.optimize.program hands it its own buffer
     return run

@@ -12,6 +12,8 @@ FX cannot trace it), one pass per file, run in this order:
                  analysis proves nothing reads that memory afterwards
   drop_ins.py    nn.MaxPool2d, nn.Linear                     -> fastcnn.nn.MaxPool2d, .Linear
   leftovers.py   what no pattern took is kept, and fastcnn.report(model) says why
+The result's forward runs on the CPU as one program per input signature where every layer
+allows (fastcnn/optimize/program.py), module by module otherwise.
 verify.py checks each rewrite and the whole model on an example input (verify=True);
 module_level.py is the fallback for models FX cannot trace.
 """
@@ -26,7 +28,7 @@ from torch import fx, nn
 
 from fastcnn.common.arguments import check_backend, check_model, verify_tolerance
 from fastcnn.cuda_graphs import MAX_GRAPHS, CUDAGraphed
-from fastcnn.optimize import chains, drop_ins, in_place, inception, leftovers
+from fastcnn.optimize import chains, drop_ins, in_place, inception, leftovers, program
 from fastcnn.optimize._graph import traced
 from fastcnn.optimize.module_level import module_level_optimize
 from fastcnn.optimize.verify import FUSED_LAYER_TOLERANCE, Verifier, random_example
@@ -154,6 +156,12 @@ def optimize(
         )
     check = _verifier(gm, example, tolerances, report, example_input is None)
     result = _fx_optimize(work, gm, report, backend, check)
+    if result is gm:
+        program.install(gm)
+        report.notes.append(
+            "cpu program: a channels_last CPU input runs the graph as one program per input "
+            "signature where every layer allows (fastcnn/optimize/program.py)"
+        )
     result._fastcnn_report = report
     return result
 
