@@ -9,8 +9,12 @@ alike (separate processes on a shared VM differ by up to 20%).
             every conv through oneDNN's direct kernels
   int8-direct  a fastcnn.quantize'd model's int8 convs through the extension's own oneDNN
             primitives (fastcnn.cpu.int8's direct path) / off: torch's quantized conv ops
+  program   an optimized model's forward as one program per input signature
+            (fastcnn/optimize/program.py) / off: module by module
 
     python benchmarks/cpu_ab.py --switch linear --out benchmarks/results/DIR/cpu_ab_linear.json
+    python benchmarks/cpu_ab.py --switch program --dtype bfloat16 \
+        --out benchmarks/results/DIR/cpu_ab_program_bf16.json
 
 (benchmarks/cpu_recycled_outputs.py, which made recycled_outputs.json, became --switch recycled.)
 """
@@ -98,6 +102,18 @@ def _int8_direct(model: nn.Module, x: torch.Tensor, on: list[bool]) -> Callable:
     return lambda x: direct(x) if on[0] else torch_ops(x)
 
 
+def _program(model: nn.Module, x: torch.Tensor, on: list[bool]) -> Callable:
+    """The optimized model, its programs set aside while on[0] is False."""
+    fast = _optimized(model, x, on)
+    programs = fast._fastcnn_programs
+
+    def call(x):
+        fast.__dict__["_fastcnn_programs"] = programs if on[0] else None
+        return fast(x)
+
+    return call
+
+
 # name -> (what it compares, a context manager switching it by on[0], the model it runs)
 SWITCHES = {
     "recycled": ("recycled outputs / fresh outputs", _recycled, _optimized),
@@ -108,15 +124,23 @@ SWITCHES = {
         lambda on: contextlib.nullcontext(),
         _int8_direct,
     ),
+    "program": (
+        "one program per input signature / module by module",
+        lambda on: contextlib.nullcontext(),
+        _program,
+    ),
 }
 
 
 MODEL_KIND = {"int8-direct": "int8 model (fastcnn.quantize), float32 input"}
 
 
-def _ab(switch: str, model_name: str, batch: int, calls: int) -> dict:
-    model = make_model(model_name, torch.float32, "cpu")
-    x = model_input(batch, "fastcnn", 224, torch.float32, "cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _ab(switch: str, model_name: str, batch: int, calls: int, dtype: str = "float32") -> dict:
+    model = make_model(model_name, DTYPES[dtype], "cpu")
+    x = model_input(batch, "fastcnn", 224, DTYPES[dtype], "cpu")
     what, switched, build = SWITCHES[switch]
     on = [True]
     fused = build(model, x, on)
@@ -142,20 +166,23 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--calls", type=int, default=12, help="timed calls of each, alternating")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=Path("cpu_ab.json"))
     args = parser.parse_args()
+    if args.switch == "int8-direct" and args.dtype != "float32":
+        parser.error("--switch int8-direct quantizes a float32 model: no --dtype")
     torch.set_num_threads(args.threads)
     results = ResultFile(
         args.out,
         "cpu_ab",
         f"{SWITCHES[args.switch][0]}, fastcnn's cpu path",
-        f"{MODEL_KIND.get(args.switch, 'float32')}, 224x224, {args.threads} threads, "
+        f"{MODEL_KIND.get(args.switch, args.dtype)}, 224x224, {args.threads} threads, "
         f"inference_mode; medians of {args.calls} "
         "calls of each, alternating in one process",
     )
     for model in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            row = _ab(args.switch, model, batch, args.calls)
+            row = _ab(args.switch, model, batch, args.calls, args.dtype)
             results.add(row)
             print(f"{model} b{batch}: off {row['off_ms']:.2f} ms, on {row['on_ms']:.2f} ms, "
                   f"{row['speedup']:.3f}x", flush=True)  # fmt: skip
