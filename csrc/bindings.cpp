@@ -2,6 +2,10 @@
 // themselves per dispatch key in cpu/*.cpp and cuda/*.cu) and build_info() for collect_env.
 #include <torch/extension.h>
 
+#ifdef FASTCNN_WITH_ONEDNN
+#include "cpu/onednn_prepared.h"
+#endif
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -117,6 +121,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv", &fastcnn::onednn_conv, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_conv_cached", &fastcnn::onednn_conv_cached);
+  pybind11::class_<fastcnn::PreparedConv, std::shared_ptr<fastcnn::PreparedConv>>(
+      m, "OnednnPreparedConv")
+      .def(pybind11::init<const at::Tensor&, const at::Tensor&, int64_t, std::vector<int64_t>,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                          const at::Tensor&, std::vector<int64_t>, std::vector<int64_t>, int64_t,
+                          bool>(),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("ok", &fastcnn::PreparedConv::ok)
+      .def("run", &fastcnn::PreparedConv::run,
+           pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_qconv_layout", &fastcnn::onednn_qconv_layout,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("onednn_qconv_pack", &fastcnn::onednn_qconv_pack,

@@ -22,6 +22,7 @@
 
 #include "../common/thread_buffer.h"
 #include "onednn_common.h"
+#include "onednn_prepared.h"
 #include "winograd_conv.h"
 
 namespace fastcnn {
@@ -95,26 +96,32 @@ std::shared_ptr<dnnl::convolution_forward> optimized_conv(
 void execute_conv(const dnnl::convolution_forward& prim, const memory::desc& scratchpad,
                   std::unordered_map<int, memory>& args) {
   if (scratchpad.get_size() > 0) {
-    args.emplace(DNNL_ARG_SCRATCHPAD,
-                 memory(scratchpad, onednn_engine(),
-                        thread_buffer<ThreadBuffer::kOnednnScratchpad>(scratchpad.get_size())));
+    // this thread's buffer now (it moves when it grows; prepared args are reused)
+    void* buffer = thread_buffer<ThreadBuffer::kOnednnScratchpad>(scratchpad.get_size());
+    auto found = args.find(DNNL_ARG_SCRATCHPAD);
+    if (found != args.end()) {
+      found->second.set_data_handle(buffer);
+    } else {
+      args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratchpad, onednn_engine(), buffer));
+    }
   }
   auto& stream = onednn_thread_stream();
   prim.execute(stream, args);
   stream.wait();
 }
 
-namespace {
-
-using Key = OnednnKey;
-
 // A cached primitive; prim is null where oneDNN offers no optimized kernel for the layout
 // (the caller then takes torch's path, which copies to a dense layout first).
-struct Conv {
+struct DirectConv {
   std::shared_ptr<dnnl::convolution_forward> prim;
   memory::desc src, weights, bias, dst, residual, scratchpad;
   bool sum = false;  // residual added as a sum post-op: it is the destination itself
 };
+
+namespace {
+
+using Key = OnednnKey;
+using Conv = DirectConv;
 
 memory::data_type data_type(at::ScalarType type) {
   switch (type) {
@@ -243,7 +250,109 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& packed_weight, at::I
   }
 }
 
+// The kept primitive for a call with these tensors (made on first sight).
+std::shared_ptr<const Conv> find_conv(const at::Tensor& x, int64_t packed_layout, at::IntArrayRef w,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual,
+                                      const at::Tensor& out, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, int64_t groups, bool relu) {
+  Key key;
+  key.reserve(40);
+  key.push_back(static_cast<int64_t>(x.scalar_type()));
+  for (auto v : x.sizes()) key.push_back(v);
+  for (auto v : x.strides()) key.push_back(v);
+  for (auto v : w) key.push_back(v);
+  for (auto v : out.strides()) key.push_back(v);
+  // the thread count too: oneDNN partitions the work for it when it makes the primitive
+  key.insert(key.end(), {stride[0], stride[1], padding[0], padding[1], groups, relu,
+                         bias.has_value(), packed_layout, at::get_num_threads()});
+  if (residual.has_value()) {
+    key.push_back(residual->data_ptr() == out.data_ptr() ? 1 : 2);
+    for (auto v : residual->strides()) key.push_back(v);
+  }
+  return cache.get(key, [&] {
+    return make_conv(x, layout(packed_layout), w, bias.has_value(), residual, out, stride, padding,
+                     relu);
+  });
+}
+
+// The metadata a prepared call's tensor must have: an empty tensor with t's sizes, strides,
+// dtype and device.
+at::Tensor meta_like(const at::Tensor& t) {
+  return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+}
+
+bool same_meta(const at::Tensor& t, const at::Tensor& meta) {
+  return t.scalar_type() == meta.scalar_type() && t.device().is_cpu() &&
+         t.sizes() == meta.sizes() && t.strides() == meta.strides();
+}
+
 }  // namespace
+
+PreparedConv::PreparedConv(const at::Tensor& x, const at::Tensor& packed, int64_t packed_layout,
+                           std::vector<int64_t> w, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding,
+                           int64_t groups, bool relu) {
+  if (is_winograd_layout(packed_layout)) return;  // not ok(): onednn_conv runs Winograd packs
+  TORCH_CHECK(!x.is_same(out), "fastcnn PreparedConv: out is x");
+  check_conv_args(x, packed, w, bias, residual, out, stride, padding, groups);
+  conv_ = find_conv(x, packed_layout, w, bias, residual, out, stride, padding, groups, relu);
+  if (!conv_->prim) return;
+  x_meta_ = meta_like(x);
+  out_meta_ = meta_like(out);
+  has_bias_ = bias.has_value();
+  has_residual_ = residual.has_value();
+  sum_ = conv_->sum;
+  if (has_residual_) residual_meta_ = meta_like(*residual);
+  auto& eng = onednn_engine();
+  // handles set by run(); DNNL_MEMORY_NONE would make oneDNN allocate nothing either
+  args_.emplace(DNNL_ARG_SRC, memory(conv_->src, eng, nullptr));
+  args_.emplace(DNNL_ARG_WEIGHTS, memory(conv_->weights, eng, nullptr));
+  args_.emplace(DNNL_ARG_DST, memory(conv_->dst, eng, nullptr));
+  if (has_bias_) args_.emplace(DNNL_ARG_BIAS, memory(conv_->bias, eng, nullptr));
+  if (has_residual_ && !sum_) {
+    args_.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                  memory(conv_->residual, eng, nullptr));
+  }
+}
+
+bool PreparedConv::ok() const { return conv_ && conv_->prim; }
+
+void PreparedConv::run(const at::Tensor& x, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, const at::Tensor& out) {
+  TORCH_CHECK(ok(), "fastcnn PreparedConv: not prepared (no optimized kernel, or Winograd)");
+  TORCH_CHECK(same_meta(x, x_meta_) && same_meta(out, out_meta_) && bias.has_value() == has_bias_ &&
+                  residual.has_value() == has_residual_,
+              "fastcnn PreparedConv: x ", x.sizes(), " / out ", out.sizes(),
+              " or the bias / residual are not the tensors it was prepared for");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  static_cast<size_t>(packed.numel()) == conv_->weights.get_size(),
+              "fastcnn PreparedConv: the packed weight does not have the size of its layout");
+  if (has_bias_) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out.size(1) && bias->is_contiguous() &&
+                    bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(),
+                "fastcnn PreparedConv: the bias must be a contiguous CPU vector like out's "
+                "channels");
+    args_.at(DNNL_ARG_BIAS).set_data_handle(bias->data_ptr());
+  }
+  at::assert_no_overlap(out, x);
+  if (has_residual_) {
+    TORCH_CHECK(
+        same_meta(*residual, residual_meta_) && (residual->data_ptr() == out.data_ptr()) == sum_,
+        "fastcnn PreparedConv: the residual is not the one it was prepared for");
+    if (!sum_) {
+      at::assert_no_overlap(out, *residual);
+      args_.at(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1)
+          .set_data_handle(residual->data_ptr());
+    }
+  }
+  args_.at(DNNL_ARG_SRC).set_data_handle(x.data_ptr());
+  args_.at(DNNL_ARG_WEIGHTS).set_data_handle(packed.data_ptr());
+  args_.at(DNNL_ARG_DST).set_data_handle(out.data_ptr());
+  execute_conv(*conv_->prim, conv_->scratchpad, args_);
+}
 
 // The id of the layout onednn_conv_pack packs a weight of sizes w and dtype type in for inputs
 // of x_sizes at this thread count (Winograd's where winograd, fp32 only): convs whose ids agree
@@ -306,24 +415,7 @@ bool onednn_conv(const at::Tensor& x, const at::Tensor& packed_weight, int64_t p
     return winograd_conv(x, packed_weight, layout(winograd_registry_id(packed_layout)), w, bias,
                          residual, out, relu);
   }
-  Key key;
-  key.reserve(40);
-  key.push_back(static_cast<int64_t>(x.scalar_type()));
-  for (auto v : x.sizes()) key.push_back(v);
-  for (auto v : x.strides()) key.push_back(v);
-  for (auto v : w) key.push_back(v);
-  for (auto v : out.strides()) key.push_back(v);
-  // the thread count too: oneDNN partitions the work for it when it makes the primitive
-  key.insert(key.end(), {stride[0], stride[1], padding[0], padding[1], groups, relu,
-                         bias.has_value(), packed_layout, at::get_num_threads()});
-  if (residual.has_value()) {
-    key.push_back(residual->data_ptr() == out.data_ptr() ? 1 : 2);
-    for (auto v : residual->strides()) key.push_back(v);
-  }
-  auto conv = cache.get(key, [&] {
-    return make_conv(x, layout(packed_layout), w, bias.has_value(), residual, out, stride, padding,
-                     relu);
-  });
+  auto conv = find_conv(x, packed_layout, w, bias, residual, out, stride, padding, groups, relu);
   if (!conv->prim) return false;
   TORCH_CHECK(static_cast<size_t>(packed_weight.numel()) == conv->weights.get_size(),
               "fastcnn onednn_conv: the packed weight does not have the size of its layout "

@@ -205,21 +205,19 @@ class Program:
             in_place = module.overwrite_residual and residual is not None
             w, b = module._buffers["weight"], module._buffers["bias"]
             plan = module._plan(x, residual, w, b, in_place)
-            if not isinstance(plan, onednn.ConvPlan) or plan.packer is None or plan.copy:
+            if (not isinstance(plan, onednn.ConvPlan) or plan.packer is None or plan.copy
+                    or plan._dense_bias):  # fmt: skip
                 raise Unsupported(f"{node.target} does not take oneDNN's direct path")
             if in_place and rs not in buffer_of:
                 raise Unsupported(f"{node.target} would overwrite a tensor the program does "
                                   "not own (the model's input)")  # fmt: skip
             out = buffer_of[rs] if in_place else memory.take(*plan._out, x)
             self._check(parent, name, module, _conv_state)
-            direct, buffers = plan._direct, memory.buffers
-            target = buffers[out]
+            target = memory.buffers[out]
+            conv = _conv_call(plan, x, w, b, target if in_place else residual, target)
 
             def step(slots, xs=xs, rs=rs, m=module._buffers, slot=slot):
-                res = None if rs is None else slots[rs]
-                if direct(slots[xs], m["weight"], m["bias"], res, target,
-                          plan.packer.winograd_now()) is None:  # fmt: skip
-                    raise _Changed  # oneDNN has no kernel for it now: the module path runs
+                conv(slots[xs], m["weight"], m["bias"], None if rs is None else slots[rs])
                 slots[slot] = target
 
             self._steps.append(step)
@@ -278,11 +276,10 @@ class Program:
                 self._check(parent, name, module, _linear_state)
                 target = memory.buffers[out]
                 y = target.view(n, module.out_features)
-                direct = plan._direct
+                conv = _conv_call(plan, x4, w4, bias, None, target)
 
-                def step(slots, xs=xs, slot=slot, m=module):
-                    if direct(slots[xs].view(n, c, 1, 1), w4, m.bias, None, target, False) is None:
-                        raise _Changed
+                def step(slots, xs=xs, slot=slot, m=module._parameters):
+                    conv(slots[xs].view(n, c, 1, 1), w4, m["bias"], None)
                     slots[slot] = y
 
                 self._steps.append(step)
@@ -344,6 +341,30 @@ class Program:
             return None
         y = slots[self._out_slot]
         return y.clone() if self._out_is_buffer or _on_buffers(y, buffers) else y
+
+
+def _conv_call(plan: onednn.ConvPlan, x, weight, bias, residual, target):
+    """call(x, weight, bias, residual): plan's conv of these tensors' metadata into target,
+    prepared once (the extension's OnednnPreparedConv: no per-call primitive lookup, memory
+    objects or argument map) while the Winograd switch reads as it did here, else the plan's
+    own direct call. Raises _Changed where oneDNN has no kernel for it (the module path runs)."""
+    packer, direct = plan.packer, plan._direct
+    prepared = None
+    if not packer.winograd_now():
+        packed, layout = packer(weight, False)
+        ready = onednn.linked_extension().OnednnPreparedConv(
+            x, packed, layout, list(plan._w_shape), bias, residual, target, *plan._args
+        )
+        prepared = ready.run if ready.ok() else None
+
+    def call(x, weight, bias, residual):
+        winograd = packer.winograd_now()
+        if prepared is not None and not winograd:
+            prepared(x, packer(weight, False)[0], bias, residual, target)
+        elif direct(x, weight, bias, residual, target, winograd) is None:
+            raise _Changed
+
+    return call
 
 
 class _Changed(Exception):
@@ -459,7 +480,7 @@ class Programs:
             error, program.reference = relative_error(y, program.reference), None
             if not error <= TOLERANCE.get(y.dtype, 0.0):
                 raise Unsupported(f"its output differs from the module path's ({error:.1e})")
-        except Unsupported as why:
+        except (Unsupported, RuntimeError) as why:  # a program that cannot be made: not used
             _backend.note_once(
                 ("program", str(why)),
                 f"fastcnn: this model runs module by module on the CPU, not as one program: {why}",
