@@ -76,8 +76,8 @@ def openvino_request(model: torch.nn.Module, x: torch.Tensor, threads: int, prec
     with torch.no_grad():
         converted = ov.convert_model(model, example_input=x.float(), input=[tuple(x.shape)])
     compiled = ov.Core().compile_model(converted, "CPU", config)
-    compiled_for = compiled.get_property("INFERENCE_PRECISION_HINT")
-    if precision is not None and compiled_for.get_type_name() != precision:
+    compiled_for = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32"
+    if precision is not None and compiled_for != precision:
         raise RuntimeError(f"openvino: compiled for {compiled_for}, not {precision}")
     return compiled.create_infer_request()
 

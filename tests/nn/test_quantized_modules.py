@@ -27,16 +27,19 @@ from fastcnn.nn.quantized import (
 
 pytestmark = pytest.mark.skipif(int8.isa() == "none", reason="no oneDNN on this CPU build")
 CL = torch.channels_last
+# The weight range oneDNN sums exactly here (7 bits without VNNI: fastcnn.quantize's
+# overflow_fix), so that the planned oneDNN path runs on every CPU, AVX2-only ones included.
+WEIGHT_MAX = 127 if int8.has_vnni() else int8.NO_VNNI_WEIGHT_MAX
 
 
-def _module(cin=16, cout=24, k=3, stride=1, residual=False, seed=0):
+def _module(cin=16, cout=24, k=3, stride=1, residual=False, seed=0, weight_max=WEIGHT_MAX):
     g = torch.Generator().manual_seed(seed)
     conv = fastcnn.nn.ConvBNAct(cin, cout, k, stride=stride, padding=k // 2, relu=True)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
         conv.bias.copy_(torch.randn(cout, generator=g) * 0.1)
     r_qp = QParams(0.04, 9) if residual else None
-    m = QConvBNAct.from_float(conv, QParams(0.05, 7), QParams(0.03, 2), r_qp, backend="cpu")
+    m = QConvBNAct.from_float(conv, QParams(0.05, 7), QParams(0.03, 2), r_qp, weight_max, "cpu")
     return m.eval()
 
 
@@ -214,7 +217,7 @@ def test_no_plan_where_oneDNN_could_saturate(monkeypatch):
     """A CPU without VNNI runs 8-bit weights through the reference on every call (decided at
     run time): no plan may skip that decision."""
     monkeypatch.setattr(int8, "has_vnni", lambda: False)
-    m = _module()
+    m = _module(weight_max=127)
     x = _u8((1, 16, 7, 7), 9)
     with torch.no_grad(), fastcnn.trace() as t:
         y = [m(x) for _ in range(3)]

@@ -29,15 +29,20 @@ class _NoTorchOps:
 
 
 @needs_direct
-@pytest.mark.parametrize("groups", [1, 4])
+# (groups, channels in, out): grouped with 8 channels a group, the fewest that oneDNN's AVX2
+# kernels take in channels_last (AVX-512 ones take 3; fewer fall back, noted:
+# test_a_layout_without_an_optimized_kernel_falls_back_with_a_note)
+@pytest.mark.parametrize(("groups", "cin", "cout"), [(1, 12, 20), (4, 32, 32)])
 @pytest.mark.parametrize("residual", ["none", "channels_last", "in_place"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_direct_convs_match_the_reference_without_torch_ops(monkeypatch, groups, residual, relu):
-    x, weight, bias = random_conv_inputs(12, 20, 3, 9, 7, torch.float32, "cpu", batch=3)
-    weight = weight[:, : 12 // groups].contiguous(memory_format=torch.channels_last)
+def test_direct_convs_match_the_reference_without_torch_ops(
+    monkeypatch, groups, cin, cout, residual, relu
+):
+    x, weight, bias = random_conv_inputs(cin, cout, 3, 9, 7, torch.float32, "cpu", batch=3)
+    weight = weight[:, : cin // groups].contiguous(memory_format=torch.channels_last)
     r = None
     if residual != "none":
-        r = random_tensor((3, 20, 5, 4), torch.float32, "cpu", channels_last=True, seed=5)
+        r = random_tensor((3, cout, 5, 4), torch.float32, "cpu", channels_last=True, seed=5)
     expected = conv_reference64(x, weight, bias, 2, 1, r, relu=relu, groups=groups)
     monkeypatch.setattr(onednn, "_mkldnn", _NoTorchOps())
     dest = r.clone() if r is not None else None
