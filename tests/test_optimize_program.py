@@ -230,6 +230,26 @@ def test_programs_are_kept_per_signature_and_bounded():
     assert fastcnn.cache_info().outputs < before
 
 
+def test_a_program_takes_the_budget_of_the_module_path_it_replaces(monkeypatch):
+    """The module path's kept outputs (in recent use: the call that makes the program runs
+    it) may fill the budget; the program, which needs fewer bytes, displaces them instead of
+    being refused (ResNet-50 at batch 8 was, at the default 256 MiB)."""
+    from fastcnn.common import alloc
+
+    monkeypatch.setattr(alloc, "kept_outputs", alloc.KeptOutputs(1 << 30))
+    fast = fastcnn.optimize(_model("resnet18"))
+    x = _input(4)
+    with torch.inference_mode():
+        expected = _module_path(fast, x)
+        module_path_bytes = alloc.kept_outputs.total
+        alloc.kept_outputs.budget = module_path_bytes  # full
+        assert_logits_close(fast(x), expected, torch.float32)
+        assert fast._fastcnn_programs.reason(x) is None
+        program_bytes = alloc.kept_outputs.total
+        assert 0 < program_bytes <= module_path_bytes
+        assert_logits_close(fast(x), expected, torch.float32)
+
+
 def test_a_recompiled_graph_runs_its_new_code():
     fast = fastcnn.optimize(_model("resnet18"))
     x = _input()

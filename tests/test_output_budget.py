@@ -65,6 +65,21 @@ def test_outputs_out_of_use_give_way_to_new_ones(budget, monkeypatch):
     assert budget.total == 2 * 4 * _FLOATS
 
 
+def test_outputs_used_since_a_reading_may_give_way_to_what_replaces_them(budget):
+    """keep(displace_from=clock): outputs last used since that reading of the call clock give
+    way (a CPU program replacing the module-path calls made since), older ones in recent use
+    stay."""
+    older, replaced = _buffers(1), _buffers(1)
+    _serve(older, 1)
+    start = budget.calls
+    _serve(replaced, 1)
+    owner = alloc.Recycled((_FLOATS,), (1,))
+    assert not budget.keep(owner, 60)  # both in recent use: no room without displacing
+    assert budget.keep(owner, 60, displace_from=start)
+    assert older[0]._keep is not None and replaced[0]._keep is None
+    assert budget.total == 4 * _FLOATS + 60 <= budget.budget
+
+
 def test_an_output_larger_than_the_budget_is_never_kept(budget):
     large = alloc.Recycled((100,), (1,))  # 400 bytes
     assert large.get(_LIKE).shape == (100,)

@@ -100,9 +100,11 @@ class KeptOutputs:
                 del self._lru[key]
                 self._total -= entry[1]
 
-    def keep(self, owner: Recycled, nbytes: int) -> bool:
+    def keep(self, owner: Recycled, nbytes: int, displace_from: int | None = None) -> bool:
         """owner asks to keep nbytes, now. False (owner keeps nothing) when they do not fit
-        the budget beside the outputs in recent use."""
+        the budget beside the outputs in recent use. displace_from: a `calls` reading; outputs
+        last used since then may give way too, least recently used first (a CPU program
+        replaces the module-path calls made since, whose outputs it no longer needs)."""
         victims = []
         with self._lock:
             self._drop_dead()
@@ -110,10 +112,14 @@ class KeptOutputs:
             _, old, _ = self._lru.pop(id(owner), (None, 0, 0))
             self._total -= old
             unused_before = self.calls - RECENT_CALLS
-            while self._total + nbytes > self.budget and self._lru:
-                key, (ref, size, used) = next(iter(self._lru.items()))
-                if used > unused_before:
-                    break  # the least recently used is in recent use: so are all the others
+            over = self._total + nbytes > self.budget
+            for key, (ref, size, used) in list(self._lru.items()) if over else ():  # oldest first
+                if self._total + nbytes <= self.budget:
+                    break
+                if used > unused_before and (displace_from is None or used <= displace_from):
+                    if displace_from is None:
+                        break  # in recent use: so are all the later ones
+                    continue
                 del self._lru[key]
                 self._total -= size
                 victims.append(ref())

@@ -472,9 +472,11 @@ class Programs:
         old = self._programs.pop(key, None)
         if isinstance(old, Program):
             alloc.kept_outputs.forget(old)
+        start = alloc.kept_outputs.calls  # the module path's outputs from here on may give way
         try:
             program = Program(gm, x)
-            y = program.run(x) if alloc.kept_outputs.keep(program, program.nbytes) else None
+            kept = alloc.kept_outputs.keep(program, program.nbytes, displace_from=start)
+            y = program.run(x) if kept else None
             if y is None:
                 raise Unsupported("its buffers do not fit fastcnn.set_cache_budget's budget")
             error, program.reference = relative_error(y, program.reference), None
