@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -250,6 +251,17 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
     assert err <= logit_rtol(dtype) * max(scale, 1.0), (
         f"max error {err:.3g} at logit scale {scale:.3g}"
     )
+
+
+def run_threads(target, count: int, timeout: float) -> None:
+    """target(i) for i in range(count), each on a thread of its own, all started before any is
+    joined; fails if one is still running after timeout seconds (a hang, not a pass)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), f"a thread still runs after {timeout} s"
 
 
 def _pair(v) -> tuple[int, int]:

@@ -4,12 +4,10 @@ the module path wherever the program cannot prove it still applies."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torchvision
-from fastcnn_testing import assert_logits_close, randomize_batchnorm
+from fastcnn_testing import assert_logits_close, randomize_batchnorm, run_threads
 from torch import nn
 
 import fastcnn
@@ -175,12 +173,8 @@ def test_threads_share_a_model_safely():
                 if (y - expected[i]).abs().max().item() > 1e-5 * expected[i].abs().max().item():
                     wrong.append(i)
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads) and not wrong
+    run_threads(serve, 4, timeout=120)
+    assert not wrong
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torchvision
-from fastcnn_testing import assert_logits_close, randomize_batchnorm
+from fastcnn_testing import assert_logits_close, randomize_batchnorm, run_threads
 
 import fastcnn
 from fastcnn.common import plans, weight_cache
@@ -54,11 +54,7 @@ def test_threads_with_mixed_batches_get_single_thread_results(name):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=serve, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
+    run_threads(serve, 4, timeout=600)
     assert not errors, errors
     assert len(results) == 4 * 3 * len(inputs)
     for (_, key), y in results.items():
